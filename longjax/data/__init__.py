@@ -1,0 +1,1 @@
+"""Data: the embedded corpus, other corpora, tokenizer, packing and synthetic tasks."""

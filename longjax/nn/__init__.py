@@ -1,0 +1,10 @@
+"""flax.linen modules over `longjax.ops`: mixers, MLPs, norms and the LM.
+
+Importing this package registers every mixer (see `longjax.nn.registry`).
+"""
+
+from longjax.nn import attention  # noqa: F401  (registers "attention")
+from longjax.nn.lm import DecoderLM
+from longjax.nn.registry import build_mixer, mixer_names, register_mixer
+
+__all__ = ["DecoderLM", "build_mixer", "mixer_names", "register_mixer"]

@@ -1,0 +1,76 @@
+"""Pre-norm decoder language model whose per-layer sequence mixer is chosen by name."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from longjax.nn.layers import RMSNorm, SwiGLU, dense
+from longjax.nn.pattern import layer_mixers
+from longjax.nn.registry import build_mixer
+
+
+class Block(nn.Module):
+    """`x + mixer(norm(x))`, then `x + mlp(norm(x))`."""
+
+    model: ml_collections.FrozenConfigDict
+    mixer_name: str
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions, cache):
+        dtype = jnp.dtype(self.model.dtype)
+        mixer = build_mixer(self.mixer_name, self.model, name="mixer")
+        h, cache = mixer(RMSNorm(self.model.norm_eps, dtype, name="mixer_norm")(x),
+                         segment_ids=segment_ids, positions=positions, cache=cache)
+        x = x + h
+        mlp_in = RMSNorm(self.model.norm_eps, dtype, name="mlp_norm")(x)
+        x = x + SwiGLU(self.model.mlp_dim, dtype, name="mlp")(mlp_in)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+
+
+class DecoderLM(nn.Module):
+    """Token ids `[B, T]` -> logits `[B, T, vocab]` (fp32), and the updated per-layer caches.
+
+    `model` is `config.model` (frozen): vocab_size, d_model, num_layers, num_heads,
+    num_kv_heads, head_dim, mlp_dim, mixer (a name or pattern), mixer_options, dtype,
+    norm_eps, tie_embeddings, remat.
+    """
+
+    model: ml_collections.FrozenConfigDict
+
+    def layer_mixers(self):
+        return layer_mixers(self.model.mixer, self.model.num_layers)
+
+    def init_cache(self, batch_size, max_length):
+        """Per-layer decode caches for `batch_size` sequences of up to `max_length` tokens."""
+        dtype = jnp.dtype(self.model.dtype)
+        return tuple(
+            build_mixer(name, self.model, parent=None).init_cache(batch_size, max_length, dtype)
+            for name in self.layer_mixers()
+        )
+
+    @nn.compact
+    def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None):
+        cfg = self.model
+        dtype = jnp.dtype(cfg.dtype)
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            name="embed",
+        )
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+        block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+        new_cache = []
+        for i, name in enumerate(self.layer_mixers()):
+            x, layer_cache = block_cls(cfg, name, name=f"layer_{i}")(
+                x, segment_ids, positions, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(dtype)
+        else:
+            logits = dense(cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, name="unembed")(x)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits, None if cache is None else tuple(new_cache)

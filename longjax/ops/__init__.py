@@ -1,0 +1,1 @@
+"""Pure functions for the math of long-sequence models (no Flax)."""

@@ -1,0 +1,46 @@
+"""Packaging for longjax: long-sequence models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7.1",
+    "flax>=0.11.0",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "ml_collections>=1.0.0",
+    "absl-py>=2.1.0",
+    "tensorflow-datasets>=4.9.7",
+    "array_record>=0.7.0",
+    "importlib_resources>=6.0",  # tfds imports it when TensorFlow is absent
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+    "numpy>=1.26",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8.0",
+        "pytest-xdist>=3.5",
+        "hypothesis>=6.100",
+        "chex>=0.1.88",
+        "ruff>=0.6",
+    ],
+    "gpu": ["jax[cuda12]>=0.7.1"],
+    "tpu": ["jax[tpu]>=0.7.1"],
+    "notebook": ["jupyter>=1.0", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
+}
+
+setup(
+    name="longjax",
+    version="0.1.0",
+    description="Long-sequence models in JAX/Flax: attention, SSMs, linear attention, "
+    "sequence parallelism and length extrapolation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["longjax", "longjax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)
