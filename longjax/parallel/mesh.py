@@ -1,0 +1,77 @@
+"""Device meshes over the axes `data`, `fsdp`, `tensor`, `sequence`, and logical-axis rules.
+
+Modules annotate parameters and activations with logical names (`batch`, `length`,
+`embed`, `heads`, ...); `LOGICAL_RULES` maps them onto mesh axes, so one model runs on
+1 CPU, 8 simulated devices, a GPU or a TPU slice by changing only the mesh sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("norm", None),
+)
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves the sizes of `MESH_AXES` (one may be -1: it takes the remaining devices)."""
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"config.parallel has unknown mesh axes {sorted(unknown)}; "
+                         f"allowed: {list(MESH_AXES)}")
+    shape = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    fill = [axis for axis, size in shape.items() if size == -1]
+    bad = [axis for axis, size in shape.items() if size == 0 or size < -1]
+    if bad or len(fill) > 1:
+        raise ValueError(f"config.parallel mesh sizes must be positive, with at most one -1; "
+                         f"got {shape}")
+    known = int(np.prod([size for size in shape.values() if size != -1]))
+    if fill:
+        if num_devices % known:
+            raise ValueError(f"config.parallel: {num_devices} devices do not divide by the "
+                             f"fixed axes {shape} (product {known})")
+        shape[fill[0]] = num_devices // known
+    if int(np.prod(list(shape.values()))) != num_devices:
+        raise ValueError(f"config.parallel mesh {shape} needs {int(np.prod(list(shape.values())))} "
+                         f"devices; {num_devices} are available")
+    return shape
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with the axes `MESH_AXES` in that order."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    return jax.make_mesh(
+        tuple(shape.values()), MESH_AXES, devices=devices,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    )
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
+    """Maps a pytree of logical `PartitionSpec`s onto `NamedSharding`s of `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of `[batch, seq, ...]` inputs: batch over data x fsdp, seq over sequence."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
