@@ -6,6 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# Parameter names the optimizer never decays (besides every parameter with ndim < 2):
+# SSM dynamics as in Gu & Dao 2023, who exempt them from weight decay.
+NO_WEIGHT_DECAY = ("embedding_scale",)
+
 
 def dense(features, *, axes, dtype, name=None, use_bias=False, kernel_init=None):
     """A `DenseGeneral` whose kernel carries logical axis names (for sharding rules)."""
