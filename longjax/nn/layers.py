@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 # Parameter names the optimizer never decays (besides every parameter with ndim < 2):
 # SSM dynamics as in Gu & Dao 2023, who exempt them from weight decay.
-NO_WEIGHT_DECAY = ("embedding_scale",)
+NO_WEIGHT_DECAY: tuple[str, ...] = ()
 
 
 def dense(features, *, axes, dtype, name=None, use_bias=False, kernel_init=None):
