@@ -1,0 +1,164 @@
+"""Chunked (`xla`) linear-attention ops against their token-by-token references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longjax.ops import linear_attention as la
+
+B, T, H, DK, DV = 2, 37, 2, 8, 6  # odd length: not a multiple of the chunk
+SEGMENTS = jnp.array([[1] * 10 + [2] * 20 + [3] * 7, [1] * 5 + [0] * 4 + [1] * 28])
+
+
+def _inputs(dtype):
+    ks = jax.random.split(jax.random.PRNGKey(0), 7)
+    q = jax.random.normal(ks[0], (B, T, H, DK))
+    k = jax.random.normal(ks[1], (B, T, H, DK))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    return {
+        "q": q.astype(dtype), "k": k.astype(dtype),
+        "v": jax.random.normal(ks[2], (B, T, H, DV)).astype(dtype),
+        "g": jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)) + 2.0).astype(dtype),
+        "g_dim": jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, DK)) + 2.0).astype(dtype),
+        "beta": jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))).astype(dtype),
+        "state": jax.random.normal(ks[6], (B, H, DK, DV)),
+    }
+
+
+# name -> (the differentiable inputs, a call taking them and **kwargs)
+OPS = {
+    "linear_attention": (("q", "k", "v"), lambda q, k, v, **kw: la.linear_attention(
+        q, k, v, feature_map="elu+1", **kw)),
+    "linear_attention_normalized": (("q", "k", "v"), lambda q, k, v, **kw: la.linear_attention(
+        q, k, v, feature_map="relu", normalize=True, **kw)),
+    "retention": (("q", "k", "v"), la.retention),
+    "gla": (("q", "k", "v", "g_dim"), la.gla),
+    "delta_rule": (("q", "k", "v", "beta"), la.delta_rule),
+    "gated_delta_rule": (("q", "k", "v", "g", "beta"), la.gated_delta_rule),
+    # Based's feature dimension grows as F^2: a small F keeps the test quick.
+    "based": (("q", "k", "v"), lambda q, k, v, **kw: la.based(q[..., :4], k[..., :4], v, **kw)),
+}
+
+
+def _state_shape(name):
+    if name == "based":
+        return (B, H, 1 + 4 + 4 * 4, DV + 1)
+    return (B, H, DK, DV + (name == "linear_attention_normalized"))
+
+
+def _run(name, x, impl, state, segment_ids):
+    names, fn = OPS[name]
+    return fn(*(x[n] for n in names), impl=impl, initial_state=state, segment_ids=segment_ids,
+              return_final_state=True, chunk_size=8)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_xla_matches_reference_fp32_with_grads(name):
+    x = _inputs(jnp.float32)
+    state = jax.random.normal(jax.random.PRNGKey(1), _state_shape(name)) * 0.5
+    names = OPS[name][0]
+    ct_o = jax.random.normal(jax.random.PRNGKey(2), (B, T, H, DV))
+    ct_s = jax.random.normal(jax.random.PRNGKey(3), state.shape)
+
+    def loss(impl, diff, state):
+        o, s = _run(name, {**x, **diff}, impl, state, SEGMENTS)
+        return jnp.sum(o * ct_o) + jnp.sum(s * ct_s), (o, s)
+
+    diff = {n: x[n] for n in names}
+    results = {
+        impl: jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(impl, diff, state)
+        for impl in ("reference", "xla")
+    }
+    (_, (o_ref, s_ref)), grads_ref = results["reference"]
+    (_, (o_xla, s_xla)), grads_xla = results["xla"]
+    np.testing.assert_allclose(o_xla, o_ref, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(s_xla, s_ref, atol=2e-5, rtol=1e-4)
+    for (path, g_ref), g_xla in zip(jax.tree_util.tree_leaves_with_path(grads_ref),
+                                    jax.tree.leaves(grads_xla), strict=True):
+        np.testing.assert_allclose(g_xla, g_ref, atol=1e-4, rtol=1e-3, err_msg=str(path))
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule", "based"])
+def test_xla_matches_reference_bf16(name):
+    """bf16 inputs, fp32 states: the impls agree to bf16 output rounding (and grads too)."""
+    x = _inputs(jnp.bfloat16)
+    names = OPS[name][0]
+
+    def loss(impl, diff):
+        o, s = _run(name, {**x, **diff}, impl, None, None)
+        return jnp.sum(o.astype(jnp.float32)), (o, s)
+
+    diff = {n: x[n] for n in names}
+    (_, (o_ref, s_ref)), g_ref = jax.value_and_grad(loss, 1, has_aux=True)("reference", diff)
+    (_, (o_xla, s_xla)), g_xla = jax.value_and_grad(loss, 1, has_aux=True)("xla", diff)
+    assert o_xla.dtype == jnp.bfloat16 and s_xla.dtype == jnp.float32
+    np.testing.assert_allclose(o_xla.astype(jnp.float32), o_ref.astype(jnp.float32),
+                               atol=3e-2, rtol=3e-2)
+    np.testing.assert_allclose(s_xla, s_ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32),
+                                   atol=0.1, rtol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["retention", "gated_delta_rule"])
+def test_split_sequence_continues_through_state(name):
+    """Two calls chained by the final state equal one call over the whole sequence."""
+    x = _inputs(jnp.float32)
+    o, s = _run(name, x, "xla", None, None)
+    first = {n: a[:, :20] if a.ndim >= 3 and a.shape[1] == T else a for n, a in x.items()}
+    rest = {n: a[:, 20:] if a.ndim >= 3 and a.shape[1] == T else a for n, a in x.items()}
+    o1, s1 = _run(name, first, "xla", None, None)
+    o2, s2 = _run(name, rest, "reference", s1, None)
+    np.testing.assert_allclose(jnp.concatenate([o1, o2], 1), o, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(s2, s, atol=2e-5, rtol=1e-4)
+
+
+def test_segments_do_not_leak():
+    """Changing one document leaves the outputs of the other documents unchanged."""
+    x = _inputs(jnp.float32)
+    o = la.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], segment_ids=SEGMENTS,
+                            chunk_size=8)
+    v2 = x["v"].at[0, :10].add(1.0)
+    o2 = la.gated_delta_rule(x["q"], x["k"], v2, x["g"], x["beta"], segment_ids=SEGMENTS,
+                             chunk_size=8)
+    np.testing.assert_allclose(o2[0, 10:], o[0, 10:], atol=1e-6)
+    assert not np.allclose(o2[0, :10], o[0, :10])
+
+
+def test_linear_attention_matches_quadratic_form():
+    """Identity feature map, no decay: the causal `(q k^T * mask) v` of Katharopoulos 2020."""
+    x = _inputs(jnp.float32)
+    scores = jnp.einsum("bthd,bshd->bhts", x["q"], x["k"]) * DK**-0.5
+    want = jnp.einsum("bhts,bshd->bthd", jnp.tril(scores), x["v"])
+    got = la.linear_attention(x["q"], x["k"], x["v"], chunk_size=8)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_taylor_feature_map_kernel():
+    x = _inputs(jnp.float32)
+    q, k = x["q"][0, 0, 0], x["q"][0, 1, 0]
+    s = 0.3
+    dot = la.taylor_feature_map(q, s) @ la.taylor_feature_map(k, s)
+    np.testing.assert_allclose(dot, 1 + s * (q @ k) + (s * (q @ k)) ** 2 / 2, rtol=1e-5)
+
+
+def test_retention_decays():
+    np.testing.assert_allclose(jnp.exp(la.retention_log_decays(3)),
+                               [1 - 2**-5, 1 - 2**-6, 1 - 2**-7], rtol=1e-6)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x: la.gla(x["q"], x["k"], x["v"], x["g"]), "g must have shape"),
+    (lambda x: la.delta_rule(x["q"], x["k"], x["v"], x["g_dim"]), "beta must have shape"),
+    (lambda x: la.retention(x["q"], x["k"], x["v"], impl="pallas_gpu"), "impl must be one of"),
+    (lambda x: la.retention(x["q"], x["k"][:, :, :1], x["v"]), "q and k must have equal"),
+    (lambda x: la.retention(x["q"], x["k"], x["v"], segment_ids=x["g"]), "segment_ids must"),
+    (lambda x: la.retention(x["q"], x["k"], x["v"], initial_state=x["v"]), "initial_state must"),
+    (lambda x: la.retention(x["q"], x["k"], x["v"], chunk_size=0), "chunk_size must"),
+    (lambda x: la.retention(x["q"], x["k"], x["v"], log_decay=jnp.zeros(5)), "log_decay must"),
+    (lambda x: la.linear_attention(x["q"], x["k"], x["v"], feature_map="exp"), "feature_map"),
+])
+def test_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_inputs(jnp.float32))
