@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from longjax.ops.scan import linear_scan
 from longjax.parallel.mesh import make_mesh
+from longjax.parallel.sequence_scan import sequence_parallel_linear_scan
 from longjax.parallel.state_passing import incoming_states
 
 N_SHARDS = 8
@@ -66,3 +68,24 @@ def test_incoming_states_bad_shapes():
     with pytest.raises(ValueError, match="initial_state"):
         incoming_states(jnp.ones((3, 4)), jnp.ones((3, 4)), axis_name="sequence",
                         initial_state=jnp.ones((4,)))
+
+
+def _segments(rng, B, T):
+    return jnp.asarray(np.sort(rng.integers(0, 4, size=(B, T)), axis=1), jnp.int32)
+
+
+def test_sequence_parallel_linear_scan(mesh):
+    rng = np.random.default_rng(1)
+    B, T, D = 2, 8 * 5, 3
+    a = jnp.asarray(rng.uniform(0.5, 1.0, size=(B, T, D, 1)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(B, T, D, 2)), jnp.float32)
+    h0 = jnp.asarray(rng.normal(size=(B, D, 2)), jnp.float32)
+    seg = _segments(rng, B, T)
+    got, got_last = sequence_parallel_linear_scan(a, b, mesh=mesh, initial_state=h0,
+                                                  segment_ids=seg, return_final_state=True)
+    want, want_last = linear_scan(a, b, initial_state=h0, segment_ids=seg,
+                                  return_final_state=True, impl="reference")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_last, want_last, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible"):
+        sequence_parallel_linear_scan(a[:, :9], b[:, :9], mesh=mesh)
