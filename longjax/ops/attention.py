@@ -429,7 +429,7 @@ def attention_backward(
     if impl.startswith("pallas"):
         return _pallas_module().backward(q, k, v, out, lse, dout, dlse=dlse,
                                          interpret=impl == "pallas_interpret",
-                                         block_q=block_q, block_k=block_k, **kw)
+                                         block_q=block_q, block_k=block_k, **kw)[:3]
     return _xla_backward(_make_blocks(q, k, v, kw, block_q, block_k), out, lse, dout, dlse)[:3]
 
 
@@ -469,13 +469,14 @@ def _differentiable_bwd(options, impl, res, cotangents):
     options = dict(options)
     block_q, block_k = options.pop("block_q"), options.pop("block_k")
     kw = dict(bias=bias, alibi_slopes=alibi_slopes, **ints, **options)
-    if impl == "xla" or bias is not None or alibi_slopes is not None:
+    if impl == "xla":
         blk = _make_blocks(q, k, v, kw, block_q, block_k)
         dq, dk, dv, dbias, dslopes = _xla_backward(blk, out, lse, dout, dlse)
-    else:
-        dq, dk, dv = attention_backward(q, k, v, out, lse, dout, dlse=dlse, impl=impl,
-                                        block_q=block_q, block_k=block_k, **kw)
-        dbias = dslopes = None
+    else:  # the Pallas kernels take no dense bias (their forward refuses one)
+        dq, dk, dv, dslopes = _pallas_module().backward(
+            q, k, v, out, lse, dout, dlse=dlse, interpret=impl == "pallas_interpret",
+            block_q=block_q, block_k=block_k, **kw)
+        dbias = None
     dbias = None if bias is None else dbias.astype(bias.dtype)
     dslopes = None if alibi_slopes is None else dslopes.astype(alibi_slopes.dtype)
     return dq, dk, dv, dbias, dslopes, None
