@@ -60,12 +60,8 @@ class AttentionMixer(nn.Module):
         else:
             out, cache = self._attend_cached(q, k, v, segment_ids, cache, options)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        y = nn.DenseGeneral(
-            x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-            param_dtype=jnp.float32, name="out",
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
-        )(out)
+        y = dense(x.shape[-1], axes=("heads", "kv", "embed"), dtype=self.dtype, name="out",
+                  num_input_dims=2)(out)
         return y, cache
 
     def _attend_cached(self, q, k, v, segment_ids, cache, options):
@@ -74,8 +70,10 @@ class AttentionMixer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         cache = {
-            "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), end, 1),
-            "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), end, 1),
+            "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                     end, 1),
+            "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                     end, 1),
             "segment_ids": jax.lax.dynamic_update_slice_in_dim(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), end, 1),
             "end": end + T,

@@ -11,13 +11,34 @@ import jax.numpy as jnp
 NO_WEIGHT_DECAY: tuple[str, ...] = ()
 
 
-def dense(features, *, axes, dtype, name=None, use_bias=False, kernel_init=None):
-    """A `DenseGeneral` whose kernel carries logical axis names (for sharding rules)."""
-    init = kernel_init or nn.initializers.lecun_normal()
-    return nn.DenseGeneral(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(init, axes), name=name,
-    )
+class Projection(nn.Module):
+    """`x[..., *in] @ W[*in, *features]` over the last `num_input_dims` axes of x.
+
+    The kernel carries logical axis names `axes` (one per kernel dimension) for the
+    sharding rules, and is initialised with fan-in scaling over all input dimensions.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    num_input_dims: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n, features = self.num_input_dims, tuple(self.features)
+        in_axes = tuple(range(n))
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=in_axes,
+            out_axis=tuple(range(n, n + len(features))))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                            x.shape[-n:] + features, jnp.float32)
+        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n)
+
+
+def dense(features, *, axes, dtype, name=None, num_input_dims=1):
+    """A bias-free `Projection` to `features` (an int or a tuple of ints)."""
+    features = (features,) if isinstance(features, int) else tuple(features)
+    return Projection(features, tuple(axes), num_input_dims, dtype, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -72,5 +72,6 @@ class DecoderLM(nn.Module):
             logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(dtype)
         else:
             logits = dense(cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, name="unembed")(x)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                            ("batch", "length", "vocab"))
         return logits, None if cache is None else tuple(new_cache)

@@ -71,7 +71,8 @@ def mixer_options(name: str, model_config) -> dict[str, Any]:
 
 def build_mixer(mixer: str, model_config, **module_kwargs) -> nn.Module:
     """Builds the mixer registered as `mixer` for this model config."""
-    return _FACTORIES[mixer](model_config, mixer_options(mixer, model_config), **module_kwargs)
+    options = mixer_options(mixer, model_config)  # checks the name first
+    return _FACTORIES[mixer](model_config, options, **module_kwargs)
 
 
 def _check_known(name: str) -> None:

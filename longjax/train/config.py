@@ -1,0 +1,144 @@
+"""The experiment config: defaults, `key=value` variants, and validation with clear errors.
+
+Every config in `configs/` starts from `base_config()`; `get_config(arg)` applies the
+arg string's overrides with `apply_arg`. `validate(config)` checks a finished config and
+names the field and what is allowed when something is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+from ml_collections import config_dict
+
+from longjax.data import tokenizer
+from longjax.data.sources import SOURCES
+from longjax.nn import registry
+from longjax.nn.pattern import layer_mixers
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _option_value(value):
+    return config_dict.placeholder(object) if value is None else value
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults (a small attention LM on the embedded corpus)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=-(-tokenizer.VOCAB_SIZE // 8) * 8,  # padded to a multiple of 8
+        d_model=128, num_layers=2, num_heads=4, num_kv_heads=4,
+        head_dim=config_dict.placeholder(int), mlp_dim=512,
+        mixer="attention", dtype="float32", norm_eps=1e-6, tie_embeddings=True, remat=False,
+    ))
+    c.model.mixer_options = ml_collections.ConfigDict({
+        name: {k: _option_value(v) for k, v in registry.mixer_defaults(name).items()}
+        for name in registry.mixer_names()
+    })
+    c.data = ml_collections.ConfigDict(dict(
+        source="stdlib", data_dir="", tfds_name="", text_field="text", train_split="train",
+        eval_split="validation", path="", seq_len=256, batch_size=16,
+        task="", task_options=ml_collections.ConfigDict(), eval_seq_lens=(),
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
+        weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, log_every=10, progress_bar=True,
+    ))
+    c.eval = ml_collections.ConfigDict(dict(every_steps=250, num_batches=-1, batch_size=32))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, keep=2))
+    c.parallel = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+    return c
+
+
+def parse_arg(arg: str | None) -> dict[str, object]:
+    """`"a=1,model.mixer=mamba"` -> `{"a": 1, "model.mixer": "mamba"}` (Python literals)."""
+    overrides = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config arg item {item!r} is not key=value")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        overrides[key.strip()] = value
+    return overrides
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, object]):
+    """Sets dotted fields; unknown fields and wrong types raise a ValueError naming them."""
+    for dotted, value in overrides.items():
+        parent, leaf = lookup_parent(config, dotted)
+        current = parent[leaf]
+        if isinstance(current, bool) != isinstance(value, bool) and current is not None:
+            raise ValueError(f"config.{dotted} expects {type(current).__name__}; got {value!r}")
+        try:
+            parent[leaf] = value
+        except TypeError as e:
+            raise ValueError(f"config.{dotted} expects {type(current).__name__}; "
+                             f"got {value!r}") from e
+    return config
+
+
+def lookup_parent(config: ml_collections.ConfigDict, dotted: str):
+    """The ConfigDict holding `dotted` and its last key; ValueError if a field is unknown."""
+    node, parts = config, dotted.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(["config", *parts[:depth]])
+            allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ValueError(f"unknown config field config.{dotted}: {where} has no field "
+                             f"{part!r}; allowed: {allowed}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def _positive(config, *fields):
+    for dotted in fields:
+        parent, leaf = lookup_parent(config, dotted)
+        value = parent[leaf]
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"config.{dotted} must be a positive number; got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1) -> None:
+    """Raises ValueError naming the first bad field and what is allowed."""
+    m, d, t = config.model, config.data, config.train
+    _positive(config, "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
+              "model.num_kv_heads", "model.mlp_dim", "data.seq_len", "data.batch_size",
+              "train.steps", "train.learning_rate", "train.log_every", "eval.every_steps",
+              "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep")
+    if m.vocab_size < tokenizer.VOCAB_SIZE:
+        raise ValueError(f"config.model.vocab_size={m.vocab_size} is below the tokenizer's "
+                         f"{tokenizer.VOCAB_SIZE} ids")
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(f"config.model.num_heads={m.num_heads} must be a multiple of "
+                         f"config.model.num_kv_heads={m.num_kv_heads}")
+    if m.head_dim is None and m.d_model % m.num_heads:
+        raise ValueError(f"config.model.d_model={m.d_model} is not divisible by "
+                         f"config.model.num_heads={m.num_heads}; set config.model.head_dim")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={m.dtype!r}; allowed: {list(DTYPES)}")
+    for name in layer_mixers(m.mixer, m.num_layers):
+        registry.mixer_options(name, m)  # unknown mixer or option -> ValueError
+    if d.source not in SOURCES:
+        raise ValueError(f"config.data.source={d.source!r}; allowed: {list(SOURCES)}")
+    if d.batch_size % num_data_shards or config.eval.batch_size % num_data_shards:
+        raise ValueError(
+            f"config.data.batch_size={d.batch_size} and config.eval.batch_size="
+            f"{config.eval.batch_size} must divide evenly over the {num_data_shards} "
+            "data-parallel shards (config.parallel data x fsdp)")
+    if not 0 <= t.warmup_steps < t.steps:
+        raise ValueError(f"config.train.warmup_steps={t.warmup_steps} must be in "
+                         f"[0, config.train.steps={t.steps})")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ValueError(f"config.train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    if not t.grad_clip >= 0:
+        raise ValueError(f"config.train.grad_clip={t.grad_clip} must be >= 0 (0: no clipping)")
+    if config.eval.num_batches == 0 or config.eval.num_batches < -1:
+        raise ValueError(f"config.eval.num_batches={config.eval.num_batches} must be positive, "
+                         "or -1 for the whole split")

@@ -1,0 +1,97 @@
+"""The loss, the jitted train step and the eval step."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from longjax.parallel.mesh import LOGICAL_RULES, batch_sharding, replicated
+from longjax.train.optimizer import learning_rate_schedule, make_optimizer
+from longjax.train.state import state_shardings
+
+BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
+
+
+def loss_and_sums(params, batch, model):
+    """Mean next-token cross-entropy over weighted targets, and the sums behind it.
+
+    Sums: `loss_sum` (nats), `weight` (targets counted), `bytes` (targets that are bytes,
+    for bits per byte), `correct` (argmax hits).
+    """
+    with nn.logical_axis_rules(LOGICAL_RULES):
+        logits, _ = model.apply({"params": params}, batch["tokens"],
+                                segment_ids=batch["segment_ids"], positions=batch["positions"])
+    targets, weights = batch["targets"], batch["weights"]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    sums = {
+        "loss_sum": jnp.sum(nll * weights),
+        "weight": jnp.sum(weights),
+        "bytes": jnp.sum(weights * (targets < 256)),
+        "correct": jnp.sum(weights * (jnp.argmax(logits, -1) == targets)),
+    }
+    return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
+
+
+def summarize(sums) -> dict[str, float]:
+    """Loss, bits per byte and accuracy from (accumulated) sums."""
+    sums = {k: float(v) for k, v in sums.items()}
+    weight = max(sums["weight"], 1.0)
+    return {
+        "loss": sums["loss_sum"] / weight,
+        "bits_per_byte": sums["loss_sum"] / (math.log(2) * max(sums["bytes"], 1.0)),
+        "accuracy": sums["correct"] / weight,
+    }
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Global numpy batch -> arrays sharded over (data x fsdp, sequence); multi-host safe."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_callback(batch[k].shape, sharding, lambda idx, a=batch[k]: a[idx])
+        for k in BATCH_KEYS
+    }
+
+
+def make_train_step(config, model, mesh):
+    """`train_step(state, batch) -> (state, metrics)`, jitted with the mesh's shardings."""
+    optimizer = make_optimizer(config.train)
+    schedule = learning_rate_schedule(config.train)
+    shardings = state_shardings(config, model, mesh)
+
+    def step(state, batch):
+        grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
+        (loss, sums), grads = grad_fn(state.params, batch, model)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics = dict(sums, loss=loss, grad_norm=optax.global_norm(grads),
+                       learning_rate=schedule(state.step))
+        new_state = state.replace(step=state.step + 1, opt_state=opt_state,
+                                  params=optax.apply_updates(state.params, updates))
+        return new_state, metrics
+
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                     out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+    def train_step(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    return train_step
+
+
+def make_eval_step(config, model, mesh):
+    """`eval_step(params, batch) -> sums` (see `loss_and_sums`)."""
+    shardings = state_shardings(config, model, mesh).params
+    jitted = jax.jit(lambda params, batch: loss_and_sums(params, batch, model)[1],
+                     in_shardings=(shardings, batch_sharding(mesh)),
+                     out_shardings=replicated(mesh))
+
+    def eval_step(params, batch):
+        with jax.set_mesh(mesh):
+            return jitted(params, batch)
+
+    return eval_step

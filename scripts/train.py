@@ -1,0 +1,38 @@
+"""Train a model from an ml_collections config; resumes from the workdir's checkpoint.
+
+    python scripts/train.py --config=configs/quickstart.py --workdir=workdirs/quickstart \
+        [--config.train.steps=200] [--config=configs/quickstart.py:mixer=attention]
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from longjax.train import train_and_evaluate
+from longjax.train.cli import check_config_overrides
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _hide_library_info(record) -> bool:
+    """Keeps absl INFO lines of longjax; libraries (Orbax, ...) show warnings and up."""
+    return record.levelno >= 30 or "/longjax/" in record.pathname.replace("\\", "/")
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_hide_library_info)
+    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    for name, metrics in results.items():
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"{name}: {summary}")
+    print(f"checkpoints, metrics.jsonl, tensorboard/ and loss_curve.png are in {_WORKDIR.value}")
+    logging.flush()
+
+
+if __name__ == "__main__":
+    check_config_overrides(sys.argv)
+    app.run(main)
