@@ -1,0 +1,85 @@
+"""Token orders for a sequence split over `P` devices, and the permutations to reach them.
+
+A layout says which global tokens each of the `P` shards of the sequence axis holds:
+
+- `"contiguous"`: shard r holds tokens `[r T/P, (r+1) T/P)`.
+- `"zigzag"`: the sequence is cut into `2P` chunks and shard r holds chunks r and
+  `2P-1-r`, so every shard does the same causal work (Brandon et al. 2023, "Striped
+  attention", and the zigzag ring of Zhu et al., ring-flash-attention).
+- `"striped"`: token i lives on shard `i mod P` (Brandon et al. 2023).
+
+`to_layout` reorders a global array so that splitting it into `P` equal contiguous pieces
+gives each shard its tokens; `from_layout` undoes it. Inside `jax.shard_map`,
+`shard_positions` gives the global positions of the local tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def check_layout(layout: str, seq_len: int, num_shards: int) -> None:
+    """Raises `ValueError` unless `layout` is known and `seq_len` splits into its chunks."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1; got {num_shards}")
+    multiple = 2 * num_shards if layout == "zigzag" else num_shards
+    if seq_len % multiple:
+        raise ValueError(
+            f"sequence length {seq_len} must be divisible by {multiple} for layout={layout!r} "
+            f"over {num_shards} shards")
+
+
+def bound_axis_size(axis_name: str) -> int:
+    """Size of the mesh axis `axis_name` inside `shard_map`; `ValueError` if it is not bound."""
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError as e:
+        raise ValueError(f"axis_name {axis_name!r} is not a mesh axis bound by the enclosing "
+                         f"shard_map") from e
+
+
+def layout_order(seq_len: int, layout: str, num_shards: int) -> np.ndarray:
+    """`[seq_len]` int array: entry i is the global token at laid-out position i."""
+    check_layout(layout, seq_len, num_shards)
+    idx = np.arange(seq_len)
+    if layout == "contiguous":
+        return idx
+    if layout == "striped":
+        return idx.reshape(-1, num_shards).T.reshape(-1)
+    chunks = idx.reshape(2 * num_shards, -1)
+    pairs = [(r, 2 * num_shards - 1 - r) for r in range(num_shards)]
+    return np.concatenate([chunks[list(pair)].reshape(-1) for pair in pairs])
+
+
+def to_layout(x, layout: str, num_shards: int, axis: int = 1):
+    """Reorders `x` along `axis` from natural token order into `layout`'s order."""
+    return jnp.take(x, layout_order(x.shape[axis], layout, num_shards), axis=axis)
+
+
+def from_layout(x, layout: str, num_shards: int, axis: int = 1):
+    """Inverse of `to_layout`: back from `layout`'s order to natural token order."""
+    order = layout_order(x.shape[axis], layout, num_shards)
+    return jnp.take(x, np.argsort(order), axis=axis)
+
+
+def shard_positions(local_len: int, layout: str, num_shards: int, shard_index):
+    """Global positions `[local_len]` (int32) of the tokens of shard `shard_index`.
+
+    `shard_index` may be traced (e.g. `jax.lax.axis_index(axis_name)` in `shard_map`).
+    """
+    check_layout(layout, local_len * num_shards, num_shards)
+    i = jnp.arange(local_len, dtype=jnp.int32)
+    r = jnp.asarray(shard_index, jnp.int32)
+    if layout == "contiguous":
+        return r * local_len + i
+    if layout == "striped":
+        return i * num_shards + r
+    half = local_len // 2
+    chunk = jnp.where(i < half, r, 2 * num_shards - 1 - r)
+    return chunk * half + i % half

@@ -1,0 +1,263 @@
+"""Ring attention: exact softmax attention over a sequence sharded along a mesh axis.
+
+Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers": each of the P
+devices keeps its queries; key/value shards travel one hop per step with `ppermute`, and
+each step's partial attention is merged into the running output through its logsumexp in
+fp32 (Milakov & Gimelshein 2018). The backward pass recomputes every step and sends the
+dK/dV accumulators around the ring with their K/V so they end at the owner (P hops).
+
+Every step is cut into tiles (`block_size` queries x `block_size` keys); a tile whose
+positions rule out every pair (causal order, sliding window) is skipped by a `lax.cond`, so
+fully masked work costs nothing. With the `"zigzag"` and `"striped"` layouts every device
+then computes the same number of tiles (Brandon et al. 2023, "Striped Attention").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from longjax.ops.attention import _check_args, attention_backward, attention_forward
+from longjax.parallel.layouts import bound_axis_size, check_layout, shard_positions
+
+TILE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+
+
+class _Config(NamedTuple):
+    axis_name: str
+    layout: str
+    causal: bool
+    window: int | None
+    num_sinks: int
+    softcap: float | None
+    scale: float | None
+    block_size: int
+    impl: str
+
+
+def ring_attention(
+    q, k, v, *, axis_name, causal=False, segment_ids=None, layout="zigzag", window=None,
+    num_sinks=0, softcap=None, scale=None, block_size=None, impl="auto",
+    return_tile_count=False,
+):
+    """Attention of the local query shard to the whole sharded sequence; call in `shard_map`.
+
+    q `[B, T, H, D]` and k, v `[B, T, K, D]` (`H % K == 0`, GQA without repeating K/V) are
+    this device's `T` tokens, laid out by `layout` over the `axis_name` shards (see
+    `longjax.parallel.to_layout`); `segment_ids` `[B, T]` are the local tokens' ids
+    (0 = padding). Masks (causal, window, sinks) use the tokens' global positions.
+    `block_size` (default: one layout chunk) must divide the chunk. `impl` is the blockwise
+    attention run per tile (`TILE_IMPLS`; "auto": Pallas on GPU/TPU, else "xla"). Returns
+    `[B, T, H, D]` in q's dtype, and with `return_tile_count` also the number of tiles this
+    device computed (forward only).
+    """
+    _check_args(q, k, v, window, num_sinks)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must hold the same local tokens; got lengths {q.shape[1]} "
+                         f"and {k.shape[1]}")
+    num_shards = bound_axis_size(axis_name)
+    local_len = q.shape[1]
+    check_layout(layout, local_len * num_shards, num_shards)
+    chunk = local_len // 2 if layout == "zigzag" else local_len
+    block_size = chunk if block_size is None else block_size
+    if block_size < 1 or chunk % block_size:
+        raise ValueError(f"block_size must divide the layout chunk of {chunk} tokens; "
+                         f"got {block_size}")
+    if impl not in TILE_IMPLS:
+        raise ValueError(f"impl must be one of {TILE_IMPLS}; got {impl!r}")
+    cfg = _Config(axis_name, layout, causal, window, num_sinks, softcap, scale, block_size,
+                  impl)
+    if segment_ids is None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if return_tile_count:
+        out, _, count = _forward(cfg, q, k, v, segment_ids)
+        return out, count
+    return _ring(cfg, q, k, v, segment_ids)
+
+
+def _over_tiles(cfg, length, visible_fn, compute, carry):
+    """Runs `compute(i, j, carry)` for every visible tile (query block i, key block j).
+
+    Returns the carry and the number of tiles computed; one loop body, whatever the count.
+    """
+    n = length // cfg.block_size
+
+    def body(t, state):
+        carry, count = state
+        i, j = t // n, t % n
+        visible = visible_fn(i, j)
+        carry = jax.lax.cond(visible, lambda c: compute(i, j, c), lambda c: c, carry)
+        return carry, count + visible.astype(jnp.int32)
+
+    count = _varying_like(jnp.zeros((), jnp.int32), jax.tree.leaves(carry)[0])
+    return jax.lax.fori_loop(0, n * n, body, (carry, count))
+
+
+def _block(x, i, size, axis):
+    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis)
+
+
+def _add_block(x, update, i, size, axis):
+    return jax.lax.dynamic_update_slice_in_dim(x, _block(x, i, size, axis) + update, i * size, axis)
+
+
+def _visible(cfg, q_pos, kv_pos):
+    """Whether some (query, key) pair of a tile passes the position masks (exact for ranges)."""
+    q_min, q_max, k_min, k_max = q_pos.min(), q_pos.max(), kv_pos.min(), kv_pos.max()
+    visible = jnp.bool_(True)
+    if cfg.causal:
+        visible &= k_min <= q_max
+    if cfg.window is not None:
+        local = q_min - k_max < cfg.window
+        if not cfg.causal:
+            local &= k_min - q_max < cfg.window
+        if cfg.num_sinks:
+            local |= k_min < cfg.num_sinks
+        visible &= local
+    return visible
+
+
+def _mask_kwargs(cfg, q_seg, kv_seg, q_pos, kv_pos):
+    batch = q_seg.shape[0]
+    return dict(
+        causal=cfg.causal, window=cfg.window, num_sinks=cfg.num_sinks,
+        segment_ids=q_seg, kv_segment_ids=kv_seg,
+        q_positions=jnp.broadcast_to(q_pos, (batch, q_pos.shape[0])),
+        kv_positions=jnp.broadcast_to(kv_pos, (batch, kv_pos.shape[0])),
+    )
+
+
+def _tile_impl(impl):
+    """The blockwise implementation for tiles: `"auto"` is Pallas on GPU/TPU, else "xla"."""
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    return impl
+
+
+def _tile_forward(cfg, q, k, v, mask_kw):
+    """(out `[B, t, H, D]`, lse `[B, H, t]` fp32) of one tile; rows with no key: lse=-inf."""
+    return attention_forward(q, k, v, softcap=cfg.softcap, scale=cfg.scale,
+                             impl=_tile_impl(cfg.impl), **mask_kw)
+
+
+def _tile_backward(cfg, q, k, v, out, lse, dout, mask_kw):
+    """(dq, dk, dv) of one tile given the final `out` and `lse` of its query rows."""
+    grads = attention_backward(q, k, v, out, lse, dout, softcap=cfg.softcap, scale=cfg.scale,
+                               impl=_tile_impl(cfg.impl), **mask_kw)
+    return tuple(g.astype(jnp.float32) for g in grads)
+
+
+def _merge(o, lse, o_new, lse_new):
+    """Combines two normalised partial attentions by their logsumexps (fp32)."""
+    total = jnp.logaddexp(lse, lse_new)
+    ref = jnp.where(jnp.isfinite(total), total, 0.0)
+    w_old = jnp.moveaxis(jnp.exp(lse - ref), 1, 2)[..., None]
+    w_new = jnp.moveaxis(jnp.exp(lse_new - ref), 1, 2)[..., None]
+    return o * w_old + o_new.astype(jnp.float32) * w_new, total
+
+
+def _varying_like(x, like):
+    """`x` typed as varying over the same mesh axes as `like` (for `shard_map`'s checks)."""
+    vma = tuple(sorted(jax.typeof(like).manual_axis_type.varying))
+    return jax.lax.pcast(x, vma, to="varying") if vma else x
+
+
+def _rotate(axis_name, num_shards, tree):
+    """Sends every leaf one hop along the ring: shard r -> shard r + 1."""
+    perm = [(i, (i + 1) % num_shards) for i in range(num_shards)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
+
+
+def _forward(cfg, q, k, v, q_seg):
+    """Returns (out in q.dtype, lse `[B, H, T]` fp32, number of tiles computed)."""
+    num_shards = jax.lax.axis_size(cfg.axis_name)
+    me = jax.lax.axis_index(cfg.axis_name)
+    B, T, H, D = q.shape
+    c = cfg.block_size
+    q_pos = shard_positions(T, cfg.layout, num_shards, me)
+
+    def attend(step, acc, kv):
+        k_s, v_s, kv_seg = kv
+        kv_pos = shard_positions(T, cfg.layout, num_shards, (me - step) % num_shards)
+
+        def compute(i, j, o_lse):
+            o, lse = o_lse
+            mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                   _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+            o_t, lse_t = _tile_forward(cfg, _block(q, i, c, 1), _block(k_s, j, c, 1),
+                                       _block(v_s, j, c, 1), mask_kw)
+            o_m, lse_m = _merge(_block(o, i, c, 1), _block(lse, i, c, 2), o_t, lse_t)
+            return (jax.lax.dynamic_update_slice_in_dim(o, o_m, i * c, 1),
+                    jax.lax.dynamic_update_slice_in_dim(lse, lse_m, i * c, 2))
+
+        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+        o_lse, count = _over_tiles(cfg, T, visible, compute, acc[:2])
+        return (*o_lse, acc[2] + count)
+
+    def body(carry, step):
+        acc, kv = carry
+        next_kv = _rotate(cfg.axis_name, num_shards, kv)  # issued before this step's compute
+        return (attend(step, acc, kv), next_kv), None
+
+    acc = jax.tree.map(lambda x: _varying_like(x, q), (
+        jnp.zeros((B, T, H, D), jnp.float32), jnp.full((B, H, T), -jnp.inf, jnp.float32),
+        jnp.zeros((), jnp.int32)))
+    (acc, kv), _ = jax.lax.scan(body, (acc, (k, v, q_seg)), jnp.arange(num_shards - 1))
+    o, lse, count = attend(num_shards - 1, acc, kv)
+    return o.astype(q.dtype), lse, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(cfg, q, k, v, q_seg):
+    return _forward(cfg, q, k, v, q_seg)[0]
+
+
+def _ring_fwd(cfg, q, k, v, q_seg):
+    out, lse, _ = _forward(cfg, q, k, v, q_seg)
+    return out, (q, k, v, q_seg, out, lse)
+
+
+def _ring_bwd(cfg, res, dout):
+    q, k, v, q_seg, out, lse = res
+    num_shards = jax.lax.axis_size(cfg.axis_name)
+    me = jax.lax.axis_index(cfg.axis_name)
+    T, c = q.shape[1], cfg.block_size
+    q_pos = shard_positions(T, cfg.layout, num_shards, me)
+
+    def grads(step, dq, kv, dkv):
+        k_s, v_s, kv_seg = kv
+        kv_pos = shard_positions(T, cfg.layout, num_shards, (me - step) % num_shards)
+
+        def compute(i, j, acc):
+            dq, dk, dv = acc
+            mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                   _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+            dq_t, dk_t, dv_t = _tile_backward(
+                cfg, _block(q, i, c, 1), _block(k_s, j, c, 1), _block(v_s, j, c, 1),
+                _block(out, i, c, 1), _block(lse, i, c, 2), _block(dout, i, c, 1), mask_kw)
+            return (_add_block(dq, dq_t, i, c, 1), _add_block(dk, dk_t, j, c, 1),
+                    _add_block(dv, dv_t, j, c, 1))
+
+        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+        (dq, *dkv), _ = _over_tiles(cfg, T, visible, compute, (dq, *dkv))
+        # dK/dV travel with their K/V; after P hops they are back at the owner.
+        return dq, _rotate(cfg.axis_name, num_shards, tuple(dkv))
+
+    def body(carry, step):
+        dq, kv, dkv = carry
+        next_kv = _rotate(cfg.axis_name, num_shards, kv)  # issued before this step's compute
+        dq, dkv = grads(step, dq, kv, dkv)
+        return (dq, next_kv, dkv), None
+
+    zeros = lambda x: _varying_like(jnp.zeros(x.shape, jnp.float32), x)
+    carry = (zeros(q), (k, v, q_seg), (zeros(k), zeros(v)))
+    (dq, kv, dkv), _ = jax.lax.scan(body, carry, jnp.arange(num_shards - 1))
+    dq, (dk, dv) = grads(num_shards - 1, dq, kv, dkv)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
