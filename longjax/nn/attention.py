@@ -10,6 +10,7 @@ from longjax.nn.layers import dense
 from longjax.nn.registry import register_mixer
 from longjax.ops import positions as positions_lib
 from longjax.ops.attention import dot_product_attention
+from longjax.parallel.sequence_parallel import sequence_parallel_attention
 
 
 class AttentionMixer(nn.Module):
@@ -17,6 +18,10 @@ class AttentionMixer(nn.Module):
 
     Cache: `{"k", "v": [B, L, K, D], "segment_ids": [B, L] (0 = empty), "end": int32}`;
     tokens are written at slots `end .. end + T - 1` and attend causally by slot.
+
+    Without a cache, when the current mesh (`jax.set_mesh`) has a `sequence` axis of size
+    > 1, attention runs sequence-parallel with strategy `sequence_parallel` ("ring",
+    "all_gather", "ulysses") and token `layout` ("zigzag", "contiguous", "striped").
     """
 
     num_heads: int
@@ -29,6 +34,8 @@ class AttentionMixer(nn.Module):
     softcap: float | None = None
     rope_base: float = 10000.0
     rope_fraction: float = 1.0
+    sequence_parallel: str = "ring"
+    layout: str = "zigzag"
 
     def init_cache(self, batch_size, max_length, dtype=None):
         dtype = dtype or self.dtype
@@ -55,7 +62,12 @@ class AttentionMixer(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         options = dict(window=self.window, num_sinks=self.num_sinks, softcap=self.softcap,
                        impl=self.impl)
-        if cache is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if cache is None and mesh.shape.get("sequence", 1) > 1:
+            out = sequence_parallel_attention(
+                q, k, v, mesh=mesh, strategy=self.sequence_parallel, layout=self.layout,
+                causal=True, segment_ids=segment_ids, **options)
+        elif cache is None:
             out = dot_product_attention(q, k, v, causal=True, segment_ids=segment_ids, **options)
         else:
             out, cache = self._attend_cached(q, k, v, segment_ids, cache, options)
@@ -91,7 +103,8 @@ class AttentionMixer(nn.Module):
 @register_mixer(
     "attention",
     defaults={"impl": "auto", "window": None, "num_sinks": 0, "softcap": None,
-              "rope_base": 10000.0, "rope_fraction": 1.0},
+              "rope_base": 10000.0, "rope_fraction": 1.0, "sequence_parallel": "ring",
+              "layout": "zigzag"},
 )
 def build_attention(model, options, **module_kwargs):
     return AttentionMixer(

@@ -1,0 +1,75 @@
+"""The LM with its sequence axis split over devices computes one-device loss and gradients."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from longjax.data.pipeline import make_dataset
+from longjax.parallel.mesh import batch_sharding, make_mesh
+from longjax.train import build_model, create_train_state, put_batch, state_shardings
+from longjax.train.step import loss_and_sums
+
+
+@pytest.fixture(scope="module")
+def setup(text_folder):
+    """A one-layer GQA LM, one packed batch, its parameters, and one-device loss and grads."""
+    from longjax.train.cli import load_config_file
+    from longjax.train.config import apply_overrides
+
+    from conftest import REPO, TINY
+
+    config = load_config_file(f"{REPO}/configs/quickstart.py:{TINY}")
+    config.data.source, config.data.path = "files", str(text_folder)
+    apply_overrides(config, {"model.num_layers": 1, "model.num_heads": 4,
+                             "model.num_kv_heads": 2})
+    batch = make_dataset(config, "train").batch(0, config.data.batch_size)
+    T = config.data.seq_len
+    for row, start in enumerate((5, 11, 17, 23, 13, 29, 9, 19)):  # a second document ...
+        batch["segment_ids"][row, start:] = batch["segment_ids"][row, 0] + 1
+        batch["positions"][row, start:] = np.arange(T - start)
+    batch["segment_ids"][0, -3:] = 0  # ... and padding
+    batch["weights"][0, -3:] = 0
+    one_device = make_mesh({"data": 1}, jax.devices()[:1])
+    state = create_train_state(config, build_model(config), one_device, jax.random.key(0))
+    params = jax.device_get(state.params)
+    return config, batch, params, loss_and_grads(config, batch, params, one_device)
+
+
+def loss_and_grads(config, batch, params, mesh):
+    """Loss and parameter gradients of `batch`, computed as the train step does on `mesh`."""
+    model = build_model(config)
+    shardings = state_shardings(config, model, mesh).params
+    grad_fn = jax.jit(jax.value_and_grad(functools.partial(loss_and_sums, model=model),
+                                         has_aux=True),
+                      in_shardings=(shardings, batch_sharding(mesh)))
+    with jax.set_mesh(mesh):
+        (loss, _), grads = grad_fn(jax.device_put(params, shardings), put_batch(batch, mesh))
+    return float(loss), jax.device_get(grads)
+
+
+@pytest.mark.parametrize("mesh_sizes,strategy", [
+    ({"data": 8}, "ring"),
+    ({"data": 2, "sequence": 4}, "ring"),
+    ({"fsdp": 2, "tensor": 2, "sequence": 2}, "ulysses"),
+])
+def test_loss_and_gradients_match_one_device(setup, mesh_sizes, strategy):
+    config, batch, params, (want_loss, want_grads) = setup
+    config = config.copy_and_resolve_references()
+    config.model.mixer_options.attention.sequence_parallel = strategy
+    loss, grads = loss_and_grads(config, batch, params, make_mesh(mesh_sizes))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
+    for path, got in jax.tree_util.tree_leaves_with_path(grads):
+        want = flat_want[path]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_mixer_uses_the_configured_strategy_on_a_sequence_mesh(setup):
+    config, batch, params, _ = setup
+    config = config.copy_and_resolve_references()
+    config.model.mixer_options.attention.sequence_parallel = "tree"
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        loss_and_grads(config, batch, params, make_mesh({"data": 2, "sequence": 4}))
