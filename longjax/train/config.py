@@ -68,6 +68,34 @@ def parse_arg(arg: str | None) -> dict[str, object]:
     return overrides
 
 
+# Short names usable in every config's arg string: the field they set.
+SHORT_NAMES = {"mixer": "model.mixer", "steps": "train.steps", "seq_len": "data.seq_len",
+               "batch_size": "data.batch_size", "d_model": "model.d_model",
+               "num_layers": "model.num_layers", "dtype": "model.dtype",
+               "lr": "train.learning_rate"}
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None):
+    """Applies a `get_config` arg string: `preset=<hybrid preset>` (see
+    `longjax.nn.presets`), short names from `SHORT_NAMES`, or dotted field paths."""
+    overrides = parse_arg(arg)
+    if "preset" in overrides:
+        apply_preset(config, str(overrides.pop("preset")))
+    return apply_overrides(config, {SHORT_NAMES.get(k, k): v for k, v in overrides.items()})
+
+
+def apply_preset(config: ml_collections.ConfigDict, name: str):
+    """Sets `config.model.mixer` and its mixer options from the hybrid preset `name`."""
+    from longjax.nn.presets import preset  # the presets name mixers of every family
+
+    overrides = preset(name)
+    config.model.mixer = overrides["mixer"]
+    for mixer, options in overrides["mixer_options"].items():
+        apply_overrides(config, {f"model.mixer_options.{mixer}.{k}": v
+                                 for k, v in options.items()})
+    return config
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, object]):
     """Sets dotted fields; unknown fields and wrong types raise a ValueError naming them."""
     for dotted, value in overrides.items():

@@ -1,0 +1,117 @@
+"""The train loop: outputs, exact resume after SIGKILL, data parallelism, bad workdirs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from longjax.parallel.mesh import make_mesh
+from longjax.train import (
+    build_model,
+    create_train_state,
+    make_train_step,
+    put_batch,
+    train_and_evaluate,
+)
+from longjax.train.metrics import read_metrics
+
+from conftest import REPO, TINY
+
+
+def test_train_and_evaluate_writes_metrics_checkpoints_and_plot(tiny_config, tmp_path):
+    results = train_and_evaluate(tiny_config(), tmp_path)
+    assert set(results) == {"validation"} and np.isfinite(results["validation"]["bits_per_byte"])
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
+    assert {"loss", "bits_per_byte", "learning_rate", "grad_norm", "tokens_per_sec"} <= set(
+        records[0])
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
+
+
+def test_data_parallel_step_matches_one_device(tiny_config):
+    config = tiny_config()
+    model = build_model(config)
+    from longjax.data.pipeline import make_dataset
+
+    batch = make_dataset(config, "train").batch(0, config.data.batch_size)
+    losses = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = make_mesh({"data": -1}, devices)
+        state = create_train_state(config, model, mesh, jax.random.key(0))
+        step = make_train_step(config, model, mesh)
+        for _ in range(2):
+            state, metrics = step(state, put_batch(batch, mesh))
+        losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_batch_must_divide_over_devices(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="batch_size=12.*8 data-parallel shards"):
+        train_and_evaluate(tiny_config(data__batch_size=12), tmp_path)
+
+
+def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
+    train_and_evaluate(tiny_config(train__steps=3, train__warmup_steps=0), tmp_path)
+    with pytest.raises(ValueError, match=r"different model.*d_model: checkpoint 32 vs config 48"):
+        train_and_evaluate(tiny_config(model__d_model=48), tmp_path)
+    (tmp_path / "config.json").unlink()  # without the record, the arrays still disagree
+    mismatch = r"does not match the model: .*embed/embedding: checkpoint \(264, 32\) vs model"
+    with pytest.raises(ValueError, match=mismatch):
+        train_and_evaluate(tiny_config(model__d_model=48), tmp_path)
+
+
+def _train_command(workdir, folder):
+    arg = TINY.replace("steps=6", "steps=120").replace("train.log_every=2", "train.log_every=10")
+    arg = arg.replace("checkpoint.every_steps=3", "checkpoint.every_steps=20")
+    arg = arg.replace("eval.every_steps=3", "eval.every_steps=60")
+    return [sys.executable, str(REPO / "scripts/train.py"), f"--config=configs/quickstart.py:{arg}",
+            f"--workdir={workdir}", "--config.data.source=files", f"--config.data.path={folder}"]
+
+
+def _final_params(workdir):
+    manager = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints").absolute(),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
+    restored = manager.restore(120, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return jax.tree.leaves(restored["state"]["params"])
+
+
+def _curve(workdir):
+    return [(r["step"], r["split"], r["loss"], r.get("grad_norm"))
+            for r in read_metrics(workdir)]
+
+
+def test_sigkill_mid_training_resumes_exactly(text_folder, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    killed, unbroken = tmp_path / "killed", tmp_path / "unbroken"
+    process = subprocess.Popen(_train_command(killed, text_folder), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        logged = metrics.exists() and any(json.loads(l)["step"] >= 50 for l in
+                                          metrics.read_text().splitlines() if l)
+        if logged and (killed / "checkpoints" / "40").exists():  # killed after step 50
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(r["step"] for r in read_metrics(killed)) < 120
+    for workdir in (killed, unbroken):
+        subprocess.run(_train_command(workdir, text_folder), cwd=REPO, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _curve(killed) == _curve(unbroken)
+    for a, b in zip(_final_params(killed), _final_params(unbroken), strict=True):
+        np.testing.assert_array_equal(a, b)
