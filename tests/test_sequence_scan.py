@@ -9,8 +9,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from longjax.ops.scan import linear_scan
+from longjax.ops.selective_scan import selective_scan
+from longjax.ops.ssd import ssd
 from longjax.parallel.mesh import make_mesh
-from longjax.parallel.sequence_scan import sequence_parallel_linear_scan
+from longjax.parallel.sequence_scan import (
+    sequence_parallel_linear_scan,
+    sequence_parallel_selective_scan,
+    sequence_parallel_ssd,
+)
 from longjax.parallel.state_passing import incoming_states
 
 N_SHARDS = 8
@@ -89,3 +95,37 @@ def test_sequence_parallel_linear_scan(mesh):
     np.testing.assert_allclose(got_last, want_last, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="divisible"):
         sequence_parallel_linear_scan(a[:, :9], b[:, :9], mesh=mesh)
+
+
+def test_sequence_parallel_selective_scan(mesh):
+    rng = np.random.default_rng(2)
+    B, T, D, N, G = 2, 8 * 3, 4, 3, 2
+    x = dict(u=rng.normal(size=(B, T, D)), delta=rng.normal(size=(B, T, D)),
+             A=-rng.uniform(0.5, 2.0, size=(D, N)), B=rng.normal(size=(B, T, G, N)),
+             C=rng.normal(size=(B, T, G, N)), D=rng.normal(size=(D,)),
+             z=rng.normal(size=(B, T, D)), delta_bias=rng.normal(size=(D,)),
+             initial_state=rng.normal(size=(B, D, N)))
+    x = {k: jnp.asarray(v, jnp.float32) for k, v in x.items()}
+    seg = _segments(rng, B, T)
+    got, got_last = sequence_parallel_selective_scan(
+        **x, delta_softplus=True, mesh=mesh, segment_ids=seg, return_final_state=True)
+    want, want_last = selective_scan(**x, delta_softplus=True, segment_ids=seg,
+                                     return_final_state=True, impl="reference")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_last, want_last, rtol=1e-4, atol=1e-4)
+
+
+def test_sequence_parallel_ssd(mesh):
+    rng = np.random.default_rng(3)
+    B, T, H, P, G, N = 2, 8 * 6, 4, 2, 2, 3
+    x = dict(x=rng.normal(size=(B, T, H, P)), dt=rng.uniform(0.05, 0.5, size=(B, T, H)),
+             A=-rng.uniform(0.5, 2.0, size=(H,)), B=rng.normal(size=(B, T, G, N)),
+             C=rng.normal(size=(B, T, G, N)), D=rng.normal(size=(H,)),
+             initial_state=rng.normal(size=(B, H, P, N)))
+    x = {k: jnp.asarray(v, jnp.float32) for k, v in x.items()}
+    seg = _segments(rng, B, T)
+    got, got_last = sequence_parallel_ssd(**x, mesh=mesh, chunk_size=4, segment_ids=seg,
+                                          return_final_state=True)
+    want, want_last = ssd(**x, segment_ids=seg, return_final_state=True, impl="reference")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_last, want_last, rtol=1e-4, atol=1e-4)

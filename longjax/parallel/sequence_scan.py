@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from longjax.ops.scan import linear_scan
+from longjax.ops import selective_scan as selective_scan_lib
+from longjax.ops.scan import linear_scan, segment_keep
+from longjax.ops.ssd import initial_state_output, ssd
 from longjax.parallel.state_passing import incoming_states
 
 
@@ -87,3 +89,87 @@ def sequence_parallel_linear_scan(a, b, *, mesh, axis_name="sequence", initial_s
                            return_final_state=return_final_state, impl=impl)
     return _run_sharded(fn, mesh, axis_name, {"a": a, "b": b, "segment_ids": segment_ids},
                         {"initial_state": initial_state}, return_final_state)
+
+
+def _keep(segment_ids, shape):
+    return jnp.ones(shape, jnp.float32) if segment_ids is None else segment_keep(segment_ids)
+
+
+def _through(keep, keep0):
+    """`[B]`: 1 where the state entering the shard survives to its end (no border inside)."""
+    alive = jnp.prod(keep, axis=1)
+    return alive if keep0 is None else alive * keep0
+
+
+def sharded_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False, *, axis_name, initial_state=None,
+                           segment_ids=None, return_final_state=False, impl="auto",
+                           chunk_size=None):
+    """`longjax.ops.selective_scan.selective_scan` on this shard's part of the time axis.
+
+    The incoming state's contribution is a second scan of this shard with `u = 0` started
+    from it (the same cost as the first: Mamba's decay is per channel and state index).
+    """
+    impl = "xla" if impl == "auto" else impl
+    Bsz, T, Dch = u.shape
+    u_g, dt_g, A_g, B_g, C_g, h0 = selective_scan_lib.prepare(
+        u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
+    keep = _keep(segment_ids, (Bsz, T))
+    core = functools.partial(selective_scan_lib.selective_scan_core, A=A_g, B=B_g, C=C_g,
+                             keep=keep, impl=impl, chunk_size=chunk_size)
+    y, h_local = core(u_g, dt_g, h0=jnp.zeros_like(h0))
+    keep0 = _continues_from_previous_shard(segment_ids, axis_name)
+    through = _through(keep, keep0)[:, None, None, None]
+    decay = jnp.exp(A_g * jnp.sum(dt_g, axis=1)[..., None]) * through
+    h_in, h_final = incoming_states(decay, h_local, axis_name=axis_name, initial_state=h0)
+    if keep0 is not None:
+        h_in = h_in * keep0[:, None, None, None]
+    y = y + core(jnp.zeros_like(u_g), dt_g, h0=h_in)[0]
+    y = selective_scan_lib.finish(y.reshape(Bsz, T, Dch), u, D, z)
+    return (y, h_final.reshape(Bsz, Dch, -1)) if return_final_state else y
+
+
+def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                                     delta_softplus=False, *, mesh, axis_name="sequence",
+                                     initial_state=None, segment_ids=None,
+                                     return_final_state=False, impl="auto", chunk_size=None):
+    """`selective_scan` on global arrays with T split over `axis_name` of `mesh`."""
+    fn = functools.partial(sharded_selective_scan, delta_softplus=delta_softplus,
+                           axis_name=axis_name, return_final_state=return_final_state,
+                           impl=impl, chunk_size=chunk_size)
+    seq = {"u": u, "delta": delta, "B": B, "C": C, "z": z, "segment_ids": segment_ids}
+    rep = {"A": A, "D": D, "delta_bias": delta_bias, "initial_state": initial_state}
+    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state)
+
+
+def sharded_ssd(x, dt, A, B, C, *, axis_name, chunk_size=64, D=None, initial_state=None,
+                segment_ids=None, return_final_state=False, impl="auto"):
+    """`longjax.ops.ssd.ssd` on this shard's part of the time axis."""
+    Bsz, T, H, P = x.shape
+    y, h_local = ssd(x, dt, A, B, C, chunk_size=chunk_size, segment_ids=segment_ids,
+                     return_final_state=True, impl=impl)
+    keep = _keep(segment_ids, (Bsz, T))
+    keep0 = _continues_from_previous_shard(segment_ids, axis_name)
+    dtA = dt.astype(jnp.float32) * A.astype(jnp.float32)
+    decay = jnp.exp(jnp.sum(dtA, axis=1)) * _through(keep, keep0)[:, None]
+    h_in, h_final = incoming_states(decay[..., None, None], h_local, axis_name=axis_name,
+                                    initial_state=initial_state)
+    if keep0 is not None:
+        h_in = h_in * keep0[:, None, None, None]
+    y = y.astype(jnp.float32) + initial_state_output(
+        dt.astype(jnp.float32), A.astype(jnp.float32), C.astype(jnp.float32), h_in, keep)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
+    y = y.astype(x.dtype)
+    return (y, h_final) if return_final_state else y
+
+
+def sequence_parallel_ssd(x, dt, A, B, C, *, mesh, axis_name="sequence", chunk_size=64, D=None,
+                          initial_state=None, segment_ids=None, return_final_state=False,
+                          impl="auto"):
+    """`ssd` on global arrays with T split over `axis_name` of `mesh`."""
+    fn = functools.partial(sharded_ssd, axis_name=axis_name, chunk_size=chunk_size,
+                           return_final_state=return_final_state, impl=impl)
+    seq = {"x": x, "dt": dt, "B": B, "C": C, "segment_ids": segment_ids}
+    rep = {"A": A, "D": D, "initial_state": initial_state}
+    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state)
