@@ -4,7 +4,7 @@ Three implementations of the same math: `"reference"` (a sequential `lax.scan`, 
 oracle), `"associative"` (Blelloch's parallel prefix scan over the affine maps
 `h -> a h + b`, Blelloch 1990; as used by Martin & Cundy 2018 and S5, Smith et al. 2023) and
 `"chunked"` (a sequential scan over chunks with a parallel scan inside each, memory O(T)).
-States are carried in fp32.
+States are carried in fp32 (complex64 for complex inputs).
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def linear_scan(a, b, *, initial_state=None, segment_ids=None, reverse=False,
         default zeros.
       segment_ids: `[B, T]` document ids; the state resets (`a_t = 0`) at every border.
       reverse: run from the end of the sequence to its start.
-      return_final_state: also return the fp32 state after the last step.
+      return_final_state: also return the state after the last step (fp32, or complex64
+        for complex inputs, as in S4D).
       impl: "reference", "associative", "chunked" or "auto" (= "chunked").
       chunk_size: chunk length of the "chunked" impl.
 
@@ -105,15 +106,16 @@ def linear_scan(a, b, *, initial_state=None, segment_ids=None, reverse=False,
     if chunk_size < 1:
         raise ValueError(f"linear_scan: chunk_size must be >= 1; got {chunk_size}")
     out_dtype = b.dtype
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    state_dtype = jnp.result_type(jnp.float32, a.dtype, b.dtype)  # complex stays complex
+    a, b = a.astype(state_dtype), b.astype(state_dtype)
     if reverse:
         a, b = jnp.flip(a, 1) if a.shape[1] > 1 else a, jnp.flip(b, 1)
         segment_ids = None if segment_ids is None else jnp.flip(segment_ids, 1)
     if segment_ids is not None:
         a = a * _expand(segment_keep(segment_ids), a.ndim)
-    h0 = jnp.zeros((b.shape[0],) + b.shape[2:], jnp.float32)
+    h0 = jnp.zeros((b.shape[0],) + b.shape[2:], state_dtype)
     if initial_state is not None:
-        h0 = initial_state.astype(jnp.float32)
+        h0 = initial_state.astype(state_dtype)
     if impl == "reference":
         h, h_last = _reference(a, b, h0)
     elif impl == "associative":

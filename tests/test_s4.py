@@ -1,0 +1,70 @@
+"""S4D / S4: kernels against direct powers, convolution mode against recurrent mode."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longjax.ops import s4
+
+H, N, L = 3, 8, 37
+
+
+def _setup(seed=0):
+    rng = np.random.default_rng(seed)
+    dt = jnp.asarray(np.exp(rng.uniform(np.log(1e-2), np.log(1e-1), H)), jnp.float32)
+    u = jnp.asarray(rng.normal(size=(2, L, H)), jnp.float32)
+    C = rng.normal(size=(H, N)) + 1j * rng.normal(size=(H, N))
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, size=(2, L)), axis=1), jnp.int32)
+    return dt, u, C, seg
+
+
+def _tile(v):
+    return jnp.asarray(np.tile(v, (H, 1)), jnp.complex64)
+
+
+def test_dplr_legs_has_the_spectrum_of_hippo():
+    A, _ = s4.hippo_legs(N)
+    Lambda, p, _ = s4.dplr_legs(N)
+    dplr = np.diag(Lambda) - np.outer(p, p.conj())
+    got = np.sort_complex(np.linalg.eigvals(dplr))
+    np.testing.assert_allclose(got, np.sort_complex(np.linalg.eigvals(A)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,method", [("lin", "zoh"), ("inv", "bilinear"), ("legs", "zoh")])
+def test_s4d_convolution_equals_recurrence(kind, method):
+    dt, u, C, seg = _setup()
+    Lambda, B = (_tile(v) for v in s4.s4d_init(N, kind))
+    C = jnp.asarray(C[:, : N // 2], jnp.complex64)
+    Ab, Bb = s4.discretize(Lambda, B, dt, method)
+    K = s4.s4d_kernel(Lambda, B, C, dt, L, method)
+    direct = np.stack([2 * np.real(np.sum(C * Bb * Ab**l, -1)) for l in range(L)], -1)
+    np.testing.assert_allclose(K, direct, rtol=1e-4, atol=1e-5)
+    y_conv = s4.causal_conv(u, K)
+    y_rec, _ = s4.s4d_recurrence(u, Ab, Bb, C)
+    np.testing.assert_allclose(y_conv, y_rec, rtol=1e-4, atol=1e-5)
+    # resets: each document equals a fresh run on that document alone
+    y_seg, _ = s4.s4d_recurrence(u, Ab, Bb, C, segment_ids=seg)
+    first = int(np.argmax(np.asarray(seg[0]) != np.asarray(seg[0, 0])))
+    if first:
+        y_doc, _ = s4.s4d_recurrence(u[:, first:], Ab, Bb, C, segment_ids=seg[:, first:])
+        np.testing.assert_allclose(y_seg[0, first:], y_doc[0], rtol=1e-4, atol=1e-5)
+
+
+def test_s4_cauchy_kernel_equals_powers_and_recurrence():
+    dt, u, C, _ = _setup(1)
+    Lambda, p, B = (_tile(v) for v in s4.dplr_legs(N))
+    C = jnp.asarray(C, jnp.complex64)
+    K = s4.s4_kernel(Lambda, p, B, C, dt, L)
+    Ab, Bb = (np.asarray(v, np.complex128) for v in s4.s4_dense(Lambda, p, B, dt))
+    direct = np.stack([np.real(np.einsum("hn,hnm,hm->h", C, np.stack(
+        [np.linalg.matrix_power(a, l) for a in Ab]), Bb)) for l in range(L)], -1)
+    np.testing.assert_allclose(K, direct, rtol=1e-4, atol=1e-5)
+    y_rec, _ = s4.s4_recurrence(u, *s4.s4_dense(Lambda, p, B, dt), C)
+    np.testing.assert_allclose(s4.causal_conv(u, K), y_rec, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="kind"):
+        s4.s4d_init(N, "fourier")
+    with pytest.raises(ValueError, match="method"):
+        s4.discretize(jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.ones((1,)), "euler")
