@@ -54,7 +54,7 @@ def ring_attention(
     `[B, T, H, D]` in q's dtype, and with `return_tile_count` also the number of tiles this
     device computed (forward only).
     """
-    _check_args(q, k, v, window, num_sinks)
+    _check_args(q, k, v, window, num_sinks, segment_ids)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must hold the same local tokens; got lengths {q.shape[1]} "
                          f"and {k.shape[1]}")
@@ -79,10 +79,10 @@ def ring_attention(
     return _ring(cfg, q, k, v, segment_ids)
 
 
-def _over_tiles(cfg, length, visible_fn, compute, carry):
-    """Runs `compute(i, j, carry)` for every visible tile (query block i, key block j).
-
-    Returns the carry and the number of tiles computed; one loop body, whatever the count.
+def _over_tiles(cfg, length, visible_fn, tile_fn, carry):
+    """Runs `carry = tile_fn(i, j, visible, carry)` over every tile (query block i, key
+    block j); `tile_fn` computes only when `visible`. Returns the carry and the number of
+    visible tiles. One loop body, whatever the number of tiles.
     """
     n = length // cfg.block_size
 
@@ -90,8 +90,7 @@ def _over_tiles(cfg, length, visible_fn, compute, carry):
         carry, count = state
         i, j = t // n, t % n
         visible = visible_fn(i, j)
-        carry = jax.lax.cond(visible, lambda c: compute(i, j, c), lambda c: c, carry)
-        return carry, count + visible.astype(jnp.int32)
+        return tile_fn(i, j, visible, carry), count + visible.astype(jnp.int32)
 
     count = _varying_like(jnp.zeros((), jnp.int32), jax.tree.leaves(carry)[0])
     return jax.lax.fori_loop(0, n * n, body, (carry, count))
@@ -101,8 +100,8 @@ def _block(x, i, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis)
 
 
-def _add_block(x, update, i, size, axis):
-    return jax.lax.dynamic_update_slice_in_dim(x, _block(x, i, size, axis) + update, i * size, axis)
+def _set_block(x, update, i, size, axis):
+    return jax.lax.dynamic_update_slice_in_dim(x, update, i * size, axis)
 
 
 def _visible(cfg, q_pos, kv_pos):
@@ -184,18 +183,22 @@ def _forward(cfg, q, k, v, q_seg):
         k_s, v_s, kv_seg = kv
         kv_pos = shard_positions(T, cfg.layout, num_shards, (me - step) % num_shards)
 
-        def compute(i, j, o_lse):
+        def tile(i, j, visible, o_lse):
             o, lse = o_lse
-            mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
-                                   _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
-            o_t, lse_t = _tile_forward(cfg, _block(q, i, c, 1), _block(k_s, j, c, 1),
-                                       _block(v_s, j, c, 1), mask_kw)
-            o_m, lse_m = _merge(_block(o, i, c, 1), _block(lse, i, c, 2), o_t, lse_t)
-            return (jax.lax.dynamic_update_slice_in_dim(o, o_m, i * c, 1),
-                    jax.lax.dynamic_update_slice_in_dim(lse, lse_m, i * c, 2))
+
+            def compute(o_lse_i):
+                mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                       _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+                o_t, lse_t = _tile_forward(cfg, _block(q, i, c, 1), _block(k_s, j, c, 1),
+                                           _block(v_s, j, c, 1), mask_kw)
+                return _merge(*o_lse_i, o_t, lse_t)
+
+            o_i, lse_i = jax.lax.cond(visible, compute, lambda o_lse_i: o_lse_i,
+                                      (_block(o, i, c, 1), _block(lse, i, c, 2)))
+            return _set_block(o, o_i, i, c, 1), _set_block(lse, lse_i, i, c, 2)
 
         visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
-        o_lse, count = _over_tiles(cfg, T, visible, compute, acc[:2])
+        o_lse, count = _over_tiles(cfg, T, visible, tile, acc[:2])
         return (*o_lse, acc[2] + count)
 
     def body(carry, step):
@@ -232,18 +235,25 @@ def _ring_bwd(cfg, res, dout):
         k_s, v_s, kv_seg = kv
         kv_pos = shard_positions(T, cfg.layout, num_shards, (me - step) % num_shards)
 
-        def compute(i, j, acc):
+        def tile(i, j, visible, acc):
             dq, dk, dv = acc
-            mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
-                                   _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
-            dq_t, dk_t, dv_t = _tile_backward(
-                cfg, _block(q, i, c, 1), _block(k_s, j, c, 1), _block(v_s, j, c, 1),
-                _block(out, i, c, 1), _block(lse, i, c, 2), _block(dout, i, c, 1), mask_kw)
-            return (_add_block(dq, dq_t, i, c, 1), _add_block(dk, dk_t, j, c, 1),
-                    _add_block(dv, dv_t, j, c, 1))
+
+            def compute(blocks):
+                mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                       _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+                grads = _tile_backward(
+                    cfg, _block(q, i, c, 1), _block(k_s, j, c, 1), _block(v_s, j, c, 1),
+                    _block(out, i, c, 1), _block(lse, i, c, 2), _block(dout, i, c, 1), mask_kw)
+                return tuple(b + g for b, g in zip(blocks, grads, strict=True))
+
+            dq_i, dk_j, dv_j = jax.lax.cond(
+                visible, compute, lambda blocks: blocks,
+                (_block(dq, i, c, 1), _block(dk, j, c, 1), _block(dv, j, c, 1)))
+            return (_set_block(dq, dq_i, i, c, 1), _set_block(dk, dk_j, j, c, 1),
+                    _set_block(dv, dv_j, j, c, 1))
 
         visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
-        (dq, *dkv), _ = _over_tiles(cfg, T, visible, compute, (dq, *dkv))
+        (dq, *dkv), _ = _over_tiles(cfg, T, visible, tile, (dq, *dkv))
         # dK/dV travel with their K/V; after P hops they are back at the owner.
         return dq, _rotate(cfg.axis_name, num_shards, tuple(dkv))
 

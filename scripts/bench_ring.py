@@ -1,0 +1,144 @@
+"""Sequence-parallel attention benchmark: ring (3 layouts), all-gather and Ulysses.
+
+    python scripts/bench_ring.py                      # 8 simulated CPU devices, a few minutes
+    python scripts/bench_ring.py --lengths=8192,16384 --platform=gpu --devices=8
+
+For each strategy and layout: forward+backward time and per-device peak memory of the
+attention on `--devices` devices (inputs already laid out and sharded along the sequence),
+next to one device attending over the whole length T and over T/P. Every strategy runs
+the blockwise `impl="xla"` attention locally. Peak memory is
+`compile().memory_analysis()` of the partitioned program (arguments + outputs +
+temporaries of one device). On simulated CPU devices all devices
+share the host's cores, so times add up the work of every device.
+The Markdown table is printed and appended to `--results` with the machine and date.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
+
+from longjax.ops.attention import dot_product_attention
+from longjax.parallel import all_gather_attention, ring_attention, to_layout, ulysses_attention
+
+_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "Global sequence lengths.")
+_STRATEGIES = flags.DEFINE_list(
+    "strategies", ["ring:contiguous", "ring:zigzag", "ring:striped", "all_gather:zigzag",
+                   "ulysses:zigzag"], "strategy:layout pairs.")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Devices on the sequence axis.")
+_PLATFORM = flags.DEFINE_string("platform", "cpu", "Backend whose devices to use.")
+_CAUSAL = flags.DEFINE_boolean("causal", True, "Causal attention.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
+_HEADS = flags.DEFINE_integer("heads", 8, "Query heads (Ulysses needs a multiple of P).")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "Key/value heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype.")
+_RING_BLOCK = flags.DEFINE_integer("ring_block_size", None,
+                                   "Ring tile size (default: one layout chunk).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+_RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "File to append to.")
+_SECTION = "## Sequence parallelism (`scripts/bench_ring.py`)"
+_FNS = {"ring": ring_attention, "all_gather": all_gather_attention, "ulysses": ulysses_attention}
+
+
+def _fwd_bwd(attn):
+    def f(q, k, v, do):
+        _, vjp = jax.vjp(attn, q, k, v)
+        return vjp(do)
+
+    return f
+
+
+def _measure(fn, args):
+    """(per-device peak MiB, median seconds) of jitted `fn` on `args`."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    m = compiled.memory_analysis()
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes) / 2**20
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return peak, statistics.median(times)
+
+
+def _inputs(T, devices):
+    B, H, K, D = _BATCH.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
+    dtype = jnp.dtype(_DTYPE.value)
+    keys = jax.random.split(jax.random.key(T), 4)
+    shapes = ((B, T, H, D), (B, T, K, D), (B, T, K, D), (B, T, H, D))
+    arrays = [jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes,
+                                                                         strict=True)]
+    return [jax.device_put(x, devices[0]) for x in arrays]
+
+
+def _sharded(strategy, layout, mesh):
+    spec = PartitionSpec(None, "sequence")
+    options = {"block_size": _RING_BLOCK.value} if strategy == "ring" else {}
+    local = functools.partial(_FNS[strategy], axis_name="sequence", causal=_CAUSAL.value,
+                              layout=layout, impl="xla", **options)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                         check_vma=False)
+
+
+def main(argv):
+    del argv
+    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+    devices = jax.devices(_PLATFORM.value)[:_DEVICES.value]
+    P = len(devices)
+    mesh = jax.make_mesh((P,), ("sequence",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    single = functools.partial(dot_product_attention, causal=_CAUSAL.value, impl="xla")
+    rows = []
+    for T in (int(n) for n in _LENGTHS.value):
+        args = _inputs(T, devices)
+        for name, length in ((f"1 device, T={T}", T), (f"1 device, T/P={T // P}", T // P)):
+            mem, sec = _measure(_fwd_bwd(single), [x[:, :length] for x in args])
+            rows.append((name, T, sec, mem))
+            print(rows[-1], flush=True)
+        for item in _STRATEGIES.value:
+            strategy, layout = item.split(":")
+            sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+            laid = [jax.device_put(to_layout(x, layout, P), sharding) for x in args]
+            mem, sec = _measure(_fwd_bwd(_sharded(strategy, layout, mesh)), laid)
+            rows.append((f"{strategy} ({layout}), P={P}", T, sec, mem))
+            print(rows[-1], flush=True)
+    table = _table(rows, devices[0])
+    print(table)
+    os.makedirs(os.path.dirname(_RESULTS.value) or ".", exist_ok=True)
+    with open(_RESULTS.value, "a") as f:
+        f.write(f"\n{_SECTION}\n\n{table}")
+
+
+def _table(rows, device):
+    lines = [
+        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{_DEVICES.value} x {device.platform}: {device.device_kind}",
+        "",
+        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs; jax {jax.__version__}. Forward+backward, causal="
+        f"{_CAUSAL.value}, B={_BATCH.value}, H={_HEADS.value}, KV heads={_KV_HEADS.value}, "
+        f"head_dim={_HEAD_DIM.value}, {_DTYPE.value}, ring tiles: "
+        f"{_RING_BLOCK.value or 'one layout chunk'}. Time: median seconds for the whole "
+        "mesh; peak: MiB per device (arguments + outputs + temporaries).",
+        "",
+        "| attention | T | fwd+bwd s | peak MiB / device |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {T} | {sec:.4f} | {mem:.1f} |" for name, T, sec, mem in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app.run(main)
