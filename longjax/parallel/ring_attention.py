@@ -24,6 +24,7 @@ from longjax.ops.attention import _check_args, attention_backward, attention_for
 from longjax.parallel.layouts import bound_axis_size, check_layout, shard_positions
 
 TILE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+_MAX_DEFAULT_BLOCK = 512
 
 
 class _Config(NamedTuple):
@@ -49,10 +50,11 @@ def ring_attention(
     this device's `T` tokens, laid out by `layout` over the `axis_name` shards (see
     `longjax.parallel.to_layout`); `segment_ids` `[B, T]` are the local tokens' ids
     (0 = padding). Masks (causal, window, sinks) use the tokens' global positions.
-    `block_size` (default: one layout chunk) must divide the chunk. `impl` is the blockwise
-    attention run per tile (`TILE_IMPLS`; "auto": Pallas on GPU/TPU, else "xla"). Returns
-    `[B, T, H, D]` in q's dtype, and with `return_tile_count` also the number of tiles this
-    device computed (forward only).
+    `block_size` (the tile) must divide the layout chunk; by default it is the chunk (a
+    quarter of it for "striped", whose steps are triangular), halved while above 512.
+    `impl` is the blockwise attention run per tile (`TILE_IMPLS`; "auto": Pallas on
+    GPU/TPU, else "xla"). Returns `[B, T, H, D]` in q's dtype, and with
+    `return_tile_count` also the number of tiles this device computed (forward only).
     """
     _check_args(q, k, v, window, num_sinks, segment_ids)
     if q.shape[1] != k.shape[1]:
@@ -62,7 +64,7 @@ def ring_attention(
     local_len = q.shape[1]
     check_layout(layout, local_len * num_shards, num_shards)
     chunk = local_len // 2 if layout == "zigzag" else local_len
-    block_size = chunk if block_size is None else block_size
+    block_size = _default_block_size(chunk, layout) if block_size is None else block_size
     if block_size < 1 or chunk % block_size:
         raise ValueError(f"block_size must divide the layout chunk of {chunk} tokens; "
                          f"got {block_size}")
@@ -77,6 +79,14 @@ def ring_attention(
         out, _, count = _forward(cfg, q, k, v, segment_ids)
         return out, count
     return _ring(cfg, q, k, v, segment_ids)
+
+
+def _default_block_size(chunk, layout):
+    """See `ring_attention`'s docstring."""
+    block = chunk // 4 if layout == "striped" and chunk % 4 == 0 else chunk
+    while block > _MAX_DEFAULT_BLOCK and block % 2 == 0:
+        block //= 2
+    return block
 
 
 def _over_tiles(cfg, length, visible_fn, tile_fn, carry):
