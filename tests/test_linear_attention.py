@@ -1,28 +1,36 @@
 """Chunked (`xla`) linear-attention ops against their token-by-token references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from longjax.ops import linear_attention as la
+from longjax.ops.rglru import rg_lru
 
 B, T, H, DK, DV = 2, 37, 2, 8, 6  # odd length: not a multiple of the chunk
 SEGMENTS = jnp.array([[1] * 10 + [2] * 20 + [3] * 7, [1] * 5 + [0] * 4 + [1] * 28])
 
 
+def _normal(rng, *shape):
+    """Random inputs from numpy: JAX's RNG would compile once per shape, slowly."""
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
 def _inputs(dtype):
-    ks = jax.random.split(jax.random.PRNGKey(0), 7)
-    q = jax.random.normal(ks[0], (B, T, H, DK))
-    k = jax.random.normal(ks[1], (B, T, H, DK))
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    rng = np.random.default_rng(0)
+    normal = functools.partial(_normal, rng)
+    k = normal(B, T, H, DK)
     return {
-        "q": q.astype(dtype), "k": k.astype(dtype),
-        "v": jax.random.normal(ks[2], (B, T, H, DV)).astype(dtype),
-        "g": jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)) + 2.0).astype(dtype),
-        "g_dim": jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, DK)) + 2.0).astype(dtype),
-        "beta": jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))).astype(dtype),
-        "state": jax.random.normal(ks[6], (B, H, DK, DV)),
+        "q": normal(B, T, H, DK).astype(dtype),
+        "k": (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype),
+        "v": normal(B, T, H, DV).astype(dtype),
+        "g": jax.nn.log_sigmoid(normal(B, T, H) + 2.0).astype(dtype),
+        "g_dim": jax.nn.log_sigmoid(normal(B, T, H, DK) + 2.0).astype(dtype),
+        "beta": jax.nn.sigmoid(normal(B, T, H)).astype(dtype),
+        "state": normal(B, H, DK, DV),
     }
 
 
@@ -47,6 +55,7 @@ def _state_shape(name):
     return (B, H, DK, DV + (name == "linear_attention_normalized"))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def _run(name, x, impl, state, segment_ids):
     names, fn = OPS[name]
     return fn(*(x[n] for n in names), impl=impl, initial_state=state, segment_ids=segment_ids,
@@ -56,10 +65,11 @@ def _run(name, x, impl, state, segment_ids):
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_xla_matches_reference_fp32_with_grads(name):
     x = _inputs(jnp.float32)
-    state = jax.random.normal(jax.random.PRNGKey(1), _state_shape(name)) * 0.5
+    rng = np.random.default_rng(1)
+    state = _normal(rng, *_state_shape(name)) * 0.5
     names = OPS[name][0]
-    ct_o = jax.random.normal(jax.random.PRNGKey(2), (B, T, H, DV))
-    ct_s = jax.random.normal(jax.random.PRNGKey(3), state.shape)
+    ct_o = _normal(rng, B, T, H, DV)
+    ct_s = _normal(rng, *state.shape)
 
     def loss(impl, diff, state):
         o, s = _run(name, {**x, **diff}, impl, state, SEGMENTS)
@@ -67,7 +77,8 @@ def test_xla_matches_reference_fp32_with_grads(name):
 
     diff = {n: x[n] for n in names}
     results = {
-        impl: jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(impl, diff, state)
+        impl: jax.jit(jax.value_and_grad(loss, argnums=(1, 2), has_aux=True),
+                      static_argnums=0)(impl, diff, state)
         for impl in ("reference", "xla")
     }
     (_, (o_ref, s_ref)), grads_ref = results["reference"]
@@ -90,8 +101,9 @@ def test_xla_matches_reference_bf16(name):
         return jnp.sum(o.astype(jnp.float32)), (o, s)
 
     diff = {n: x[n] for n in names}
-    (_, (o_ref, s_ref)), g_ref = jax.value_and_grad(loss, 1, has_aux=True)("reference", diff)
-    (_, (o_xla, s_xla)), g_xla = jax.value_and_grad(loss, 1, has_aux=True)("xla", diff)
+    grad_fn = jax.jit(jax.value_and_grad(loss, 1, has_aux=True), static_argnums=0)
+    (_, (o_ref, s_ref)), g_ref = grad_fn("reference", diff)
+    (_, (o_xla, s_xla)), g_xla = grad_fn("xla", diff)
     assert o_xla.dtype == jnp.bfloat16 and s_xla.dtype == jnp.float32
     np.testing.assert_allclose(o_xla.astype(jnp.float32), o_ref.astype(jnp.float32),
                                atol=3e-2, rtol=3e-2)
@@ -106,8 +118,8 @@ def test_split_sequence_continues_through_state(name):
     """Two calls chained by the final state equal one call over the whole sequence."""
     x = _inputs(jnp.float32)
     o, s = _run(name, x, "xla", None, None)
-    first = {n: a[:, :20] if a.ndim >= 3 and a.shape[1] == T else a for n, a in x.items()}
-    rest = {n: a[:, 20:] if a.ndim >= 3 and a.shape[1] == T else a for n, a in x.items()}
+    first = {n: a[:, :20] for n, a in x.items() if n in ("q", "k", "v", "g", "beta")}
+    rest = {n: a[:, 20:] for n, a in x.items() if n in ("q", "k", "v", "g", "beta")}
     o1, s1 = _run(name, first, "xla", None, None)
     o2, s2 = _run(name, rest, "reference", s1, None)
     np.testing.assert_allclose(jnp.concatenate([o1, o2], 1), o, atol=2e-5, rtol=1e-4)
@@ -117,11 +129,9 @@ def test_split_sequence_continues_through_state(name):
 def test_segments_do_not_leak():
     """Changing one document leaves the outputs of the other documents unchanged."""
     x = _inputs(jnp.float32)
-    o = la.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], segment_ids=SEGMENTS,
-                            chunk_size=8)
-    v2 = x["v"].at[0, :10].add(1.0)
-    o2 = la.gated_delta_rule(x["q"], x["k"], v2, x["g"], x["beta"], segment_ids=SEGMENTS,
-                             chunk_size=8)
+    o, _ = _run("gated_delta_rule", x, "xla", None, SEGMENTS)
+    o2, _ = _run("gated_delta_rule", {**x, "v": x["v"].at[0, :10].add(1.0)}, "xla", None,
+                 SEGMENTS)
     np.testing.assert_allclose(o2[0, 10:], o[0, 10:], atol=1e-6)
     assert not np.allclose(o2[0, :10], o[0, :10])
 
@@ -131,7 +141,8 @@ def test_linear_attention_matches_quadratic_form():
     x = _inputs(jnp.float32)
     scores = jnp.einsum("bthd,bshd->bhts", x["q"], x["k"]) * DK**-0.5
     want = jnp.einsum("bhts,bshd->bthd", jnp.tril(scores), x["v"])
-    got = la.linear_attention(x["q"], x["k"], x["v"], chunk_size=8)
+    got = jax.jit(la.linear_attention, static_argnames="chunk_size")(
+        x["q"], x["k"], x["v"], chunk_size=8)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -162,3 +173,50 @@ def test_retention_decays():
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call(_inputs(jnp.float32))
+
+
+def _rglru_loop(x, r, i, a_param, segment_ids, h):
+    """RG-LRU written out token by token, as in De et al. 2024 (eq. 1-4)."""
+    a = jax.nn.sigmoid(a_param) ** (8.0 * r)
+    ys = []
+    for t in range(x.shape[1]):
+        start = (segment_ids[:, t] != segment_ids[:, t - 1]) if t else np.array([h is None] * 2)
+        start = jnp.asarray(start)[:, None]
+        prev = jnp.zeros_like(x[:, 0]) if h is None else h
+        h = jnp.where(start, i[:, t] * x[:, t],
+                      a[:, t] * prev + jnp.sqrt(1 - a[:, t] ** 2) * i[:, t] * x[:, t])
+        ys.append(h)
+    return jnp.stack(ys, 1), h
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_rglru_matches_its_definition_with_grads(with_state):
+    rng = np.random.default_rng(2)
+    x = _normal(rng, B, T, 5)
+    r, i = jax.nn.sigmoid(_normal(rng, B, T, 5)), jax.nn.sigmoid(_normal(rng, B, T, 5))
+    a_param = _normal(rng, 5) + 2.0
+    h0 = _normal(rng, B, 5) if with_state else None
+    want, want_h = jax.jit(_rglru_loop)(x, r, i, a_param, SEGMENTS, h0)
+
+    def run(impl, x, r, i, a_param):
+        return rg_lru(x, r, i, a_param, segment_ids=SEGMENTS, initial_state=h0,
+                      return_final_state=True, impl=impl)
+
+    got, got_h = jax.jit(run, static_argnums=0)("auto", x, r, i, a_param)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got_h, want_h, atol=1e-5, rtol=1e-5)
+    if not with_state:
+        return
+    grads = {impl: jax.jit(jax.grad(lambda *a, impl=impl: run(impl, *a)[0].sum(),
+                                    argnums=(0, 1, 2, 3)))(x, r, i, a_param)
+             for impl in ("reference", "auto")}
+    for a, b in zip(grads["auto"], grads["reference"], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_rglru_bad_input_raises():
+    x = jnp.zeros((B, T, 5))
+    with pytest.raises(ValueError, match="a_param must have shape"):
+        rg_lru(x, x, x, jnp.zeros(4))
+    with pytest.raises(ValueError, match="r and i must have"):
+        rg_lru(x, x[..., :2], x, jnp.zeros(5))
