@@ -20,8 +20,8 @@ def segment_keep(segment_ids):
 
     Token 0 keeps (it continues from the initial state). `segment_ids` `[B, T]`: changes of
     id mark document borders (0 = padding is a document of its own)."""
-    same = segment_ids[:, 1:] == segment_ids[:, :-1]
-    return jnp.concatenate([jnp.ones_like(same[:, :1]), same], axis=1).astype(jnp.float32)
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
+    return jnp.concatenate([jnp.ones((segment_ids.shape[0], 1), jnp.float32), same], axis=1)
 
 
 def _expand(keep, ndim):
