@@ -29,9 +29,8 @@ _FLOAT_DTYPES = {
     "pallas_interpret": (jnp.float32, jnp.bfloat16, jnp.float16),
     "cudnn": (jnp.bfloat16, jnp.float16),
 }
-# Reference attention is fastest on CPU while its T x S scores are small (see
-# benchmarks/RESULTS.md, "Attention core").
-_AUTO_REFERENCE_MAX_SCORES = 1024 * 1024
+# Arguments that shape the computation; the public entry points are jitted with these static.
+_STATIC = ("causal", "window", "num_sinks", "softcap", "scale", "impl", "block_q", "block_k")
 
 
 def _check_args(q, k, v, window, num_sinks, segment_ids=None, kv_segment_ids=None,
@@ -111,6 +110,8 @@ def alibi_bias(slopes, q_positions, kv_positions):
     return -slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None]
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "causal", "window", "num_sinks", "softcap", "scale", "return_lse"))
 def reference_attention(
     q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, window=None,
     num_sinks=0, bias=None, alibi_slopes=None, softcap=None, scale=None, q_positions=None,
@@ -385,6 +386,7 @@ def _xla_backward(blk, out, lse, dout, dlse=None):
 # Public entry points.
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def attention_forward(
     q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, window=None,
     num_sinks=0, bias=None, alibi_slopes=None, softcap=None, scale=None, q_positions=None,
@@ -410,6 +412,7 @@ def attention_forward(
     return _xla_forward(_make_blocks(q, k, v, kw, block_q, block_k))
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def attention_backward(
     q, k, v, out, lse, dout, *, causal=False, segment_ids=None, kv_segment_ids=None,
     window=None, num_sinks=0, bias=None, alibi_slopes=None, softcap=None, scale=None,
@@ -485,10 +488,10 @@ def _differentiable_bwd(options, impl, res, cotangents):
 _differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
 
 
-def _cudnn_supported(q, softcap, num_sinks, segment_ids, kv_segment_ids, q_positions,
+def _cudnn_supported(q, window, softcap, num_sinks, segment_ids, kv_segment_ids, q_positions,
                      alibi_slopes, return_lse):
     return (
-        jax.default_backend() == "gpu"
+        jax.default_backend() == "gpu" and (window is None or window > 0)
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and softcap is None and num_sinks == 0 and alibi_slopes is None
         and segment_ids is None and kv_segment_ids is None and q_positions is None
@@ -496,15 +499,19 @@ def _cudnn_supported(q, softcap, num_sinks, segment_ids, kv_segment_ids, q_posit
     )
 
 
-def _auto_impl(q, k, cudnn_ok):
+def _auto_impl(q, bias, cudnn_ok):
     backend = jax.default_backend()
-    if backend == "gpu":
-        return "cudnn" if cudnn_ok else "pallas"
-    if backend == "tpu":
+    if backend == "gpu" and cudnn_ok:
+        return "cudnn"
+    pallas_ok = bias is None and any(q.dtype == d for d in _FLOAT_DTYPES["pallas"])
+    if backend in ("gpu", "tpu") and pallas_ok:
         return "pallas"
-    return "reference" if q.shape[1] * k.shape[1] <= _AUTO_REFERENCE_MAX_SCORES else "xla"
+    # On CPU the blockwise version is as fast as the reference from T = 128 on and faster
+    # beyond (benchmarks/RESULTS.md, "Attention core"), with O(T) memory.
+    return "xla"
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC + ("return_lse",))
 def dot_product_attention(
     q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, window=None,
     num_sinks=0, bias=None, alibi_slopes=None, softcap=None, scale=None, q_positions=None,
@@ -516,17 +523,17 @@ def dot_product_attention(
     with `return_lse`). `impl`: `"reference"` (materialised scores), `"xla"` (blockwise,
     O(T) memory, custom VJP), `"pallas"` / `"pallas_interpret"` (flash-attention kernels),
     `"cudnn"` (GPU, bf16/fp16, no soft-cap / sinks / segments / ALiBi / positions / lse) or
-    `"auto"`: cuDNN where it applies else Pallas on GPU, Pallas on TPU, and on CPU the
-    reference while T * S <= 2**20, else "xla". All give the same math.
+    `"auto"`: cuDNN where it applies, else Pallas on GPU and TPU (no dense `bias`),
+    else "xla" (always on CPU). All give the same math.
     """
     _check_args(q, k, v, window, num_sinks, segment_ids, kv_segment_ids, q_positions,
                 kv_positions, bias, alibi_slopes)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    cudnn_ok = _cudnn_supported(q, softcap, num_sinks, segment_ids, kv_segment_ids,
+    cudnn_ok = _cudnn_supported(q, window, softcap, num_sinks, segment_ids, kv_segment_ids,
                                 q_positions, alibi_slopes, return_lse)
     if impl == "auto":
-        impl = _auto_impl(q, k, cudnn_ok)
+        impl = _auto_impl(q, bias, cudnn_ok)
     _check_dtype(impl, q, k, v)
     if impl == "cudnn":
         if not cudnn_ok:
@@ -535,6 +542,8 @@ def dot_product_attention(
                 "segment_ids, positions, alibi_slopes or return_lse"
             )
         local = None if window is None else (window - 1, 0 if causal else window - 1)
+        if bias is not None:
+            bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
         return jax.nn.dot_product_attention(
             q, k, v, bias=bias, scale=scale, is_causal=causal, local_window_size=local,
             implementation="cudnn")

@@ -130,6 +130,10 @@ def kv_blocks(st, i):
     hi = jnp.int32(st.nk) if math.isinf(d_lo) else jnp.minimum(
         st.nk, _floordiv(q1 - d_lo, st.bk) + 1)
     lo = jnp.maximum(lo, sink_hi)
+    if d_lo > d_hi:  # window 0: only the sinks are visible
+        hi = lo
+    elif not math.isinf(d_hi):  # the window may start past the last key
+        hi = jnp.where(q0 - d_hi > st.S - 1, lo, hi)
     if st.has_segments:  # every tile needs the per-element segment check
         return sink_hi, lo, hi, hi, hi
     full_lo = lo if math.isinf(d_hi) else -_floordiv(-(q1 - d_hi), st.bk)
@@ -150,6 +154,10 @@ def q_blocks(st, j):
     lo = jnp.int32(0) if math.isinf(d_lo) else jnp.maximum(0, _floordiv(k0 + d_lo, st.bq))
     hi = jnp.int32(st.nq) if math.isinf(d_hi) else jnp.minimum(
         st.nq, _floordiv(k1 + d_hi, st.bq) + 1)
+    if d_lo > d_hi:
+        hi = lo
+    elif not math.isinf(d_lo):  # only padded query rows may reach this key block
+        hi = jnp.where(k0 + d_lo > st.T - 1, lo, hi)
     if st.sink_blocks:  # a sink block is seen by every (later, when causal) query
         is_sink = j < st.sink_blocks
         lo = jnp.where(is_sink, _floordiv(k0, st.bq) if st.spec.causal else 0, lo)
