@@ -77,10 +77,9 @@ def test_ring_with_heads_over_tensor_axis():
     check_strategy("ring", "zigzag", "causal", jnp.float32, {"tensor": 2, "sequence": 4})
 
 
-def expected_tiles(layout, P, T, block, causal_window=None):
+def expected_tiles(layout, P, T, block, window):
     """Tiles with an unmasked (query, key) pair, per device: counted on the global mask."""
     order = layout_order(T, layout, P)
-    window = causal_window
     mask = np.asarray(attention_mask(T, T, causal=True, window=window)[0, 0])
     local = T // P
     counts = []

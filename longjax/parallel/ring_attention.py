@@ -44,7 +44,8 @@ def ring_attention(
     num_sinks=0, softcap=None, scale=None, block_size=None, impl="auto",
     return_tile_count=False,
 ):
-    """Attention of the local query shard to the whole sharded sequence; call in `shard_map`.
+    """Attention of the local query shard to the whole sharded sequence; call in
+    `jax.shard_map(..., check_vma=False)` (the tile attention does not type varying axes).
 
     q `[B, T, H, D]` and k, v `[B, T, K, D]` (`H % K == 0`, GQA without repeating K/V) are
     this device's `T` tokens, laid out by `layout` over the `axis_name` shards (see
