@@ -23,7 +23,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             (self.workdir / "checkpoints").absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
-            item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -70,11 +71,8 @@ class Checkpointer:
                 f"config.model fields: {'; '.join(diffs)}. Use a new --workdir or the same model.")
 
     def _check_arrays(self, step: int, state) -> None:
-        metadata = self.manager.item_metadata(step)["state"]
-        saved = {jax.tree_util.keystr(p): tuple(m.shape)
-                 for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
-        wanted = {jax.tree_util.keystr(p): tuple(x.shape)
-                  for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+        saved = _param_shapes(self.manager.item_metadata(step)["state"]["params"])
+        wanted = _param_shapes(state.params)
         diffs = [f"{key}: checkpoint {saved.get(key)} vs model {wanted.get(key)}"
                  for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
         if diffs:
@@ -82,3 +80,12 @@ class Checkpointer:
             shown = "; ".join(diffs[:5]) + more
             raise ValueError(f"the checkpoint in {self.workdir} (step {step}) does not match the "
                              f"model: {shown}. Use a new --workdir or the model it was made with.")
+
+
+def _param_shapes(params) -> dict[str, tuple[int, ...]]:
+    """`{"layer_0/mixer/query/kernel": shape}` for a params tree or its checkpoint metadata."""
+    def name(path):
+        return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+    return {name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}

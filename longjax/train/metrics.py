@@ -53,7 +53,8 @@ def plot_loss_curve(workdir, key: str = "bits_per_byte") -> pathlib.Path:
     for split in dict.fromkeys(r["split"] for r in records):
         points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
         if points:
-            ax.plot(*zip(*points, strict=True), marker=None if split == "train" else "o", label=split)
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker=None if split == "train" else "o", label=split)
     ax.set_xlabel("step")
     ax.set_ylabel(key.replace("_", " "))
     ax.grid(alpha=0.3)
