@@ -3,6 +3,9 @@
 Text sources are tokenized and packed once (`PackedDataset`); synthetic tasks are
 generated per step (`TaskDataset`). Both hand out `batch(step)` dicts of numpy arrays
 `tokens, targets, weights, segment_ids, positions`, each `[batch, seq_len]`.
+Training reads a stream (`make_train_stream`): `next()` batches and a JSON `state()`
+that `restore` resumes from; dataset decomposition's stream draws one length bucket per
+step (`longjax.data.decomposition`).
 """
 
 from __future__ import annotations
@@ -11,11 +14,28 @@ import functools
 
 import numpy as np
 
-from longjax.data import packing, sources, tokenizer
+from longjax.data import best_fit, decomposition, packing, sources, tokenizer
+
+
+def load_token_docs(data_config, split: str, *, seed: int) -> list[np.ndarray]:
+    """The split's documents as token arrays; the train split in an order shuffled by
+    `seed` (so concat-and-chunk mixes documents across rows)."""
+    docs = sources.load_documents(data_config, split)
+    if not docs:
+        raise ValueError(f"config.data: the {split!r} split of source "
+                         f"{data_config.source!r} has no documents")
+    token_docs = [tokenizer.encode(text) for text in docs]
+    if split == "train":
+        order = np.random.default_rng(seed).permutation(len(token_docs))
+        token_docs = [token_docs[i] for i in order]
+    return token_docs
 
 
 class PackedDataset:
-    """The packed rows of one split of a text source."""
+    """The packed rows of one split of a text source (`stats`: see
+    `longjax.data.best_fit.packing_stats`)."""
+
+    stats: dict[str, float] = {}
 
     def __init__(self, rows: dict[str, np.ndarray], *, seed: int, shuffle: bool):
         self.rows = rows
@@ -24,17 +44,19 @@ class PackedDataset:
 
     @classmethod
     def from_config(cls, data_config, split: str, *, seed: int, seq_len: int | None = None):
-        docs = sources.load_documents(data_config, split)
-        if not docs:
-            raise ValueError(f"config.data: the {split!r} split of source "
-                             f"{data_config.source!r} has no documents")
-        token_docs = [tokenizer.encode(text) for text in docs]
-        shuffle = split == "train"
-        if shuffle:  # mix documents across rows; rows are reshuffled every epoch below
-            order = np.random.default_rng(seed).permutation(len(token_docs))
-            token_docs = [token_docs[i] for i in order]
-        rows = packing.pack_documents(token_docs, (seq_len or data_config.seq_len) + 1)
-        return cls(rows, seed=seed, shuffle=shuffle)
+        """The split packed into rows of `seq_len + 1` tokens: by `data_config.packing`
+        ("concat" or "best_fit") for the train split, concat-and-chunk for the others
+        (so every training recipe is evaluated on the same rows)."""
+        token_docs = load_token_docs(data_config, split, seed=seed)
+        row_length = (seq_len or data_config.seq_len) + 1
+        method = data_config.packing if split == "train" else "concat"
+        if method == "best_fit":
+            rows = best_fit.pack_best_fit(token_docs, row_length)
+        else:
+            rows = packing.pack_documents(token_docs, row_length)
+        dataset = cls(rows, seed=seed, shuffle=split == "train")
+        dataset.stats = best_fit.packing_stats([len(d) for d in token_docs], row_length, method)
+        return dataset
 
     @property
     def num_rows(self) -> int:
@@ -57,7 +79,8 @@ class PackedDataset:
         index = step * batch_size + np.arange(batch_size)
         if self.shuffle:
             epochs, offsets = np.divmod(index, self.num_rows)
-            picks = np.array([self._epoch_order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
+            picks = np.array([self._epoch_order(int(e))[o]
+                              for e, o in zip(epochs, offsets, strict=True)])
         else:
             picks = np.minimum(index, self.num_rows - 1)
         batch = packing.rows_to_batch({k: v[picks] for k, v in self.rows.items()})
@@ -93,3 +116,57 @@ def make_dataset(config, split: str, *, seq_len: int | None = None):
         seed = config.seed if split == "train" else config.seed + 1_000_003
         return TaskDataset(d.task, d.task_options.to_dict(), seed=seed, seq_len=seq_len)
     return PackedDataset.from_config(d, split, seed=config.seed, seq_len=seq_len)
+
+
+class PackedStream:
+    """Batches `index, index + 1, ...` of a `PackedDataset` or `TaskDataset`."""
+
+    def __init__(self, dataset, batch_size: int, index: int = 0):
+        self.dataset, self.batch_size, self.index = dataset, batch_size, index
+        self.stats = getattr(dataset, "stats", {})
+
+    def next(self) -> dict[str, np.ndarray]:
+        batch = self.dataset.batch(self.index, self.batch_size)
+        self.index += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+class DecomposedStream:
+    """Dataset decomposition: each step one bucket's batch, drawn by the curriculum."""
+
+    def __init__(self, dataset: decomposition.DecomposedDataset,
+                 sampler: decomposition.CurriculumSampler):
+        self.dataset, self.sampler = dataset, sampler
+        self.stats = dataset.stats()
+
+    def next(self) -> dict[str, np.ndarray]:
+        length, picks = self.sampler.next()
+        return packing.rows_to_batch(self.dataset.rows(length, picks))
+
+    def state(self) -> dict:
+        return self.sampler.state()
+
+    def restore(self, state: dict) -> None:
+        self.sampler.restore(state)
+
+
+def make_train_stream(config, *, index: int = 0):
+    """The training stream of `config.data` (its `packing`), at batch `index`; a
+    decomposition stream starts at its beginning (resume it with `restore`)."""
+    d = config.data
+    if d.packing != "decomposition":
+        return PackedStream(make_dataset(config, "train"), d.batch_size, index)
+    dataset = decomposition.DecomposedDataset(load_token_docs(d, "train", seed=config.seed),
+                                              d.bucket_lengths)
+    odds = decomposition.curriculum_odds(d.curriculum, d.bucket_lengths)
+    sampler = decomposition.CurriculumSampler(
+        {n: dataset.num_rows(n) for n in dataset.bucket_lengths}, odds,
+        tokens_per_step=d.batch_size * d.seq_len,
+        cycle_steps=-(-config.train.steps // d.curriculum_cycles), seed=config.seed)
+    return DecomposedStream(dataset, sampler)

@@ -12,12 +12,14 @@ import ast
 import ml_collections
 from ml_collections import config_dict
 
-from longjax.data import tokenizer
+from longjax.data import decomposition, tokenizer
 from longjax.data.sources import SOURCES
 from longjax.nn import registry
 from longjax.nn.pattern import layer_mixers
+from longjax.train import stages as stages_lib
 
 DTYPES = ("float32", "bfloat16")
+PACKINGS = ("concat", "best_fit", "decomposition")
 
 
 def _option_value(value):
@@ -42,10 +44,20 @@ def base_config() -> ml_collections.ConfigDict:
         source="stdlib", data_dir="", tfds_name="", text_field="text", train_split="train",
         eval_split="validation", path="", seq_len=256, batch_size=16,
         task="", task_options=ml_collections.ConfigDict(), eval_seq_lens=(),
+        # Long-context recipes (longjax.data.best_fit, longjax.data.decomposition):
+        # "concat" | "best_fit" | "decomposition"; with "decomposition" a step is one
+        # bucket's batch of batch_size * seq_len tokens, the bucket drawn by `curriculum`
+        # (a name in decomposition.CURRICULA or odds like "64:4,128:2,256:1") over
+        # `curriculum_cycles` cycles of the run.
+        packing="concat", bucket_lengths=(64, 128, 256), curriculum="uniform",
+        curriculum_cycles=1,
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
         weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, log_every=10, progress_bar=True,
+        # Progressive length extension (longjax.train.stages): ((steps, seq_len, rope_base),
+        # ...) run in order, steps summing to `steps`; () trains at data.seq_len throughout.
+        stages=(),
     ))
     c.eval = ml_collections.ConfigDict(dict(every_steps=250, num_batches=-1, batch_size=32))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, keep=2))
@@ -170,3 +182,45 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1) -> 
     if config.eval.num_batches == 0 or config.eval.num_batches < -1:
         raise ValueError(f"config.eval.num_batches={config.eval.num_batches} must be positive, "
                          "or -1 for the whole split")
+    _validate_recipes(config, num_data_shards)
+
+
+def _validate_recipes(config, num_data_shards: int) -> None:
+    """Packing, dataset decomposition, curriculum, length stages and evaluation lengths."""
+    d = config.data
+    if d.packing not in PACKINGS:
+        raise ValueError(f"config.data.packing={d.packing!r}; allowed: {list(PACKINGS)}")
+    bad_lens = [n for n in d.eval_seq_lens if not isinstance(n, int) or n < 1]
+    if bad_lens:
+        raise ValueError(f"config.data.eval_seq_lens={tuple(d.eval_seq_lens)!r} must be "
+                         "positive whole numbers")
+    stages = stages_lib.schedule(config)
+    for i, stage in enumerate(stages):
+        batch = d.batch_size * d.seq_len // stage.seq_len
+        if config.train.stages and batch % num_data_shards:
+            raise ValueError(f"config.train.stages[{i}] (seq_len={stage.seq_len}) trains "
+                             f"batches of {batch} rows, which do not divide over the "
+                             f"{num_data_shards} data-parallel shards")
+    if d.packing != "decomposition":
+        return
+    if d.source == "task":
+        raise ValueError("config.data.packing='decomposition' needs a text source; "
+                         "config.data.source is 'task'")
+    if config.train.stages:
+        raise ValueError("config.train.stages cannot be combined with config.data.packing="
+                         "'decomposition' (the buckets set the lengths); use 'concat' or "
+                         "'best_fit' packing")
+    lengths = decomposition.check_bucket_lengths(d.bucket_lengths)
+    decomposition.curriculum_odds(d.curriculum, lengths)
+    tokens_per_step = d.batch_size * d.seq_len
+    for n in lengths:
+        if tokens_per_step % n or (tokens_per_step // n) % num_data_shards:
+            raise ValueError(
+                f"config.data.bucket_lengths entry {n}: the tokens per step (config.data."
+                f"batch_size x seq_len = {tokens_per_step}) must be a multiple of {n} "
+                f"whose batch of {tokens_per_step // n if tokens_per_step >= n else 0} rows "
+                f"divides over the {num_data_shards} data-parallel shards")
+    cycles = d.curriculum_cycles
+    if not isinstance(cycles, int) or not 1 <= cycles <= config.train.steps:
+        raise ValueError(f"config.data.curriculum_cycles={cycles!r} must be a whole number "
+                         f"in [1, config.train.steps={config.train.steps}]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -10,9 +11,10 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from longjax.data.pipeline import make_dataset
+from longjax.data.pipeline import make_dataset, make_train_stream
 from longjax.parallel.mesh import make_mesh
 from longjax.train import config as config_lib
+from longjax.train import stages as stages_lib
 from longjax.train.checkpoint import Checkpointer
 from longjax.train.metrics import MetricsWriter, plot_loss_curve
 from longjax.train.state import build_model, create_train_state
@@ -35,80 +37,123 @@ def evaluate(eval_step, params, dataset, mesh, *, batch_size, num_batches) -> di
 
 
 def eval_datasets(config) -> dict[str, object]:
-    """Named evaluation sets: the eval split, or a task at each of `data.eval_seq_lens`."""
+    """Named evaluation sets: a task at each of `data.eval_seq_lens`, or the eval split in
+    rows of `data.seq_len` ("validation") and of each other `data.eval_seq_lens` length
+    ("validation_len{n}", e.g. 4x the training length)."""
     d = config.data
     if d.source == "task":
         lengths = tuple(d.eval_seq_lens) or (d.seq_len,)
         return {f"eval_len{n}": make_dataset(config, "validation", seq_len=n) for n in lengths}
-    return {"validation": make_dataset(config, "validation")}
+    sets = {"validation": make_dataset(config, "validation")}
+    for n in dict.fromkeys(d.eval_seq_lens):
+        if n != d.seq_len:
+            sets[f"validation_len{n}"] = make_dataset(config, "validation", seq_len=n)
+    return sets
 
 
 def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the
-    final evaluation metrics per evaluation set."""
+    final evaluation metrics per evaluation set.
+
+    The run goes through the length stages of `config.train.stages` (one stage when
+    empty), each with its own sequence length, RoPE base, model and jitted step, carrying
+    parameters and optimizer state over. The checkpoint's data state records the step,
+    the training stream's position and the training seconds so far.
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.parallel.to_dict())
     config_lib.validate(config, num_data_shards=mesh.shape["data"] * mesh.shape["fsdp"])
-    t, d = config.train, config.data
+    t = config.train
+    stages = stages_lib.schedule(config)
 
-    train_data = make_dataset(config, "train")
     eval_sets = eval_datasets(config)
-    model = build_model(config)
     checkpointer = Checkpointer(workdir, config)
-    state = create_train_state(config, model, mesh, jax.random.key(config.seed))
+    state = create_train_state(config, build_model(config), mesh, jax.random.key(config.seed))
     state, data_state = checkpointer.restore(state)
-    start = 0 if data_state is None else int(data_state["batches_consumed"])
+    data_state = data_state or {}
+    start = int(data_state.get("batches_consumed", 0))
+    train_seconds = float(data_state.get("train_seconds", 0.0))
     if start:
         logging.info("Resumed from the checkpoint at step %d in %s", start, workdir)
     checkpointer.write_config()
     writer = MetricsWriter(workdir, resume_step=start)
-    train_step = make_train_step(config, model, mesh)
-    eval_step = make_eval_step(config, model, mesh)
-
-    def run_eval(step):
-        results = {}
-        for name, dataset in eval_sets.items():
-            results[name] = evaluate(eval_step, state.params, dataset, mesh,
-                                     batch_size=config.eval.batch_size,
-                                     num_batches=config.eval.num_batches)
-            writer.write(step, name, results[name])
-            logging.info("step %d %s: %s", step, name, _fmt(results[name]))
-        return results
 
     progress = tqdm(total=t.steps, initial=start, disable=not t.progress_bar,
                     unit="step", dynamic_ncols=True)
-    results, tick, tokens_since = {}, time.perf_counter(), 0
-    for step in range(start, t.steps):
-        state, metrics = train_step(state, put_batch(train_data.batch(step, d.batch_size), mesh))
-        tokens_since += d.batch_size * d.seq_len
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - tick
-            record = dict(summarize({k: metrics[k] for k in ("loss_sum", "weight", "bytes",
-                                                             "correct")}),
-                          grad_norm=metrics["grad_norm"], learning_rate=metrics["learning_rate"],
-                          tokens_per_sec=tokens_since / elapsed)
-            writer.write(done, "train", record)
-            progress.set_postfix(bpb=f"{record['bits_per_byte']:.3f}",
-                                 tok_s=f"{record['tokens_per_sec']:.0f}")
-            logging.info("step %d train: %s", done, _fmt(record))
-            tick, tokens_since = time.perf_counter(), 0
-        if done % config.eval.every_steps == 0 or done == t.steps:
-            results = run_eval(done)
-        if done % config.checkpoint.every_steps == 0 or done == t.steps:
-            checkpointer.save(done, state, {"batches_consumed": done})
-        progress.update(1)
+    results = {}
+    for number in range(stages_lib.stage_at(stages, start), len(stages)):
+        stage = stages[number]
+        stage_cfg = stages_lib.stage_config(config, stage)
+        model = build_model(stage_cfg)
+        train_step = make_train_step(stage_cfg, model, mesh)
+        eval_step = make_eval_step(stage_cfg, model, mesh)
+        first = max(start, stage.start)
+        stream = make_train_stream(stage_cfg, index=first - stage.start)
+        if first > stage.start and "stream" in data_state:
+            stream.restore(data_state["stream"])
+        if first == stage.start:
+            _write_json(workdir / f"train_data_stage{number}.json", stream.stats)
+        if len(stages) > 1:
+            logging.info("Stage %d: steps %d-%d at seq_len %d, RoPE base %g", number,
+                         stage.start, stage.stop, stage.seq_len, stage.rope_base)
+        tick, tokens_since = time.perf_counter(), 0
+        for step in range(first, stage.stop):
+            batch = stream.next()
+            state, metrics = train_step(state, put_batch(batch, mesh))
+            tokens_since += batch["tokens"].size
+            done = step + 1
+            if done % t.log_every == 0 or done == stage.stop:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - tick
+                train_seconds += elapsed
+                record = dict(summarize({k: metrics[k] for k in ("loss_sum", "weight", "bytes",
+                                                                 "correct")}),
+                              grad_norm=metrics["grad_norm"],
+                              learning_rate=metrics["learning_rate"],
+                              tokens_per_sec=tokens_since / elapsed, train_seconds=train_seconds)
+                writer.write(done, "train", record)
+                progress.set_postfix(bpb=f"{record['bits_per_byte']:.3f}",
+                                     tok_s=f"{record['tokens_per_sec']:.0f}")
+                logging.info("step %d train: %s", done, _fmt(record))
+                tick, tokens_since = time.perf_counter(), 0
+            pause = time.perf_counter()  # evaluation and checkpoints are not training time
+            if done % config.eval.every_steps == 0 or done == t.steps:
+                results = _run_eval(eval_step, state.params, eval_sets, mesh, config, writer,
+                                    done, train_seconds)
+            if done % config.checkpoint.every_steps == 0 or done in (stage.stop, t.steps):
+                checkpointer.save(done, state, {"batches_consumed": done,
+                                                "train_seconds": train_seconds,
+                                                "stream": stream.state()})
+            tick += time.perf_counter() - pause
+            progress.update(1)
     progress.close()
     if not results:  # resumed at the end: evaluate the final state once more
-        results = run_eval(t.steps)
+        results = _run_eval(eval_step, state.params, eval_sets, mesh, config, writer, t.steps,
+                            train_seconds)
     checkpointer.wait()
     writer.close()
-    plot = plot_loss_curve(workdir, "bits_per_byte" if d.source != "task" else "accuracy")
+    plot = plot_loss_curve(workdir, "bits_per_byte" if config.data.source != "task"
+                           else "accuracy")
     logging.info("Checkpoints: %s; metrics: %s; plot: %s", workdir / "checkpoints",
                  workdir / "metrics.jsonl", plot)
     return results
+
+
+def _run_eval(eval_step, params, eval_sets, mesh, config, writer, step, train_seconds):
+    results = {}
+    for name, dataset in eval_sets.items():
+        results[name] = evaluate(eval_step, params, dataset, mesh,
+                                 batch_size=config.eval.batch_size,
+                                 num_batches=config.eval.num_batches)
+        writer.write(step, name, dict(results[name], train_seconds=train_seconds))
+        logging.info("step %d %s: %s", step, name, _fmt(results[name]))
+    return results
+
+
+def _write_json(path: pathlib.Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    logging.info("%s: %s", path.name, _fmt(record))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
