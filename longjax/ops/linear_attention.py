@@ -180,13 +180,16 @@ def to_chunks(q, k, v, g, beta, resets, chunk_size):
     return tuple(split(x) for x in (q, k, v, g, beta, resets))
 
 
-def _chunked(q, k, v, g, beta, resets, state, chunk_size, delta):
-    T = q.shape[1]
-    chunks = to_chunks(q, k, v, g, beta, resets, chunk_size)
-    maps = chunk_maps(*chunks, delta=delta)
+def finish_chunks(maps: ChunkMaps, state, length):
+    """Outputs `[B, length, H, Dv]` and the final state, from the state entering chunk 0."""
     states, state = chunk_states(maps.A, maps.B, state)
     o = chunk_outputs(maps, states)
-    return o.reshape(o.shape[0], -1, *o.shape[3:])[:, :T], state
+    return o.reshape(o.shape[0], -1, *o.shape[3:])[:, :length], state
+
+
+def _chunked(q, k, v, g, beta, resets, state, chunk_size, delta):
+    maps = chunk_maps(*to_chunks(q, k, v, g, beta, resets, chunk_size), delta=delta)
+    return finish_chunks(maps, state, q.shape[1])
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -210,8 +213,8 @@ def _check(q, k, v, *, g=None, g_ndim=3, beta=None, segment_ids=None, initial_st
     if initial_state is not None and initial_state.shape != (B, H, Dk, v.shape[3]):
         raise ValueError(f"initial_state must have shape {(B, H, Dk, v.shape[3])}; "
                          f"got {initial_state.shape}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if not callable(impl) and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or a callable; got {impl!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
@@ -221,7 +224,9 @@ def recurrence(q, k, v, *, g=None, beta=None, segment_ids=None, initial_state=No
     """The general recurrence of the module doc on already scaled / feature-mapped q, k.
 
     `g` `[B, T, H]` or `[B, T, H, Dk]` log decays (None: no decay); `beta` `[B, T, H]`
-    turns on the delta rule. The ops below are thin wrappers over this.
+    turns on the delta rule. The ops below are thin wrappers over this. `impl` may also be
+    a callable `(q, k, v, g, beta, segment_ids, state, chunk_size) -> (o, final_state)` on
+    fp32 arrays (`longjax.parallel.sequence_linear` passes its sharded form this way).
     """
     _check(q, k, v, g=g, g_ndim=None if g is None else g.ndim, beta=beta,
            segment_ids=segment_ids, initial_state=initial_state, impl=impl,
@@ -230,12 +235,15 @@ def recurrence(q, k, v, *, g=None, beta=None, segment_ids=None, initial_state=No
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     state = (jnp.zeros((B, H, Dk, v.shape[3]), jnp.float32) if initial_state is None
              else f32(initial_state))
-    resets = resets_from_segments(segment_ids, B, T)
-    args = (f32(q), f32(k), f32(v), f32(g), f32(beta), resets, state)
-    if impl == "reference":
-        o, state = _recurrent(*args)
+    q32, k32, v32, g32, beta32 = (f32(x) for x in (q, k, v, g, beta))
+    if callable(impl):
+        o, state = impl(q32, k32, v32, g32, beta32, segment_ids, state, chunk_size)
+    elif impl == "reference":
+        o, state = _recurrent(q32, k32, v32, g32, beta32,
+                              resets_from_segments(segment_ids, B, T), state)
     else:
-        o, state = _chunked(*args, chunk_size=chunk_size, delta=beta is not None)
+        o, state = _chunked(q32, k32, v32, g32, beta32, resets_from_segments(segment_ids, B, T),
+                            state, chunk_size=chunk_size, delta=beta is not None)
     o = o.astype(q.dtype)
     return (o, state) if return_final_state else o
 
