@@ -19,7 +19,6 @@ the data; "Grow" odds favour short buckets, so each cycle runs from short to lon
 from __future__ import annotations
 
 import functools
-import re
 
 import numpy as np
 
@@ -50,16 +49,20 @@ def curriculum_odds(curriculum: str, bucket_lengths, field: str = "config.data.c
     lengths = check_bucket_lengths(bucket_lengths)
     if curriculum in CURRICULA:
         return dict(zip(lengths, CURRICULA[curriculum](len(lengths)), strict=True))
-    if not re.fullmatch(r"\s*\d+\s*:\s*[\d.eE+]+\s*(,\s*\d+\s*:\s*[\d.eE+]+\s*)*", curriculum):
-        raise ValueError(f"{field}={curriculum!r}; allowed: {sorted(CURRICULA)} or explicit "
-                         "odds per bucket length like '64:4,128:2,256:1'")
     odds = {}
     for item in curriculum.split(","):
-        length, value = (s.strip() for s in item.split(":"))
-        if int(length) not in lengths:
+        length, sep, value = (s.strip() for s in item.partition(":"))
+        try:
+            length, value = int(length), float(value)
+        except ValueError:
+            sep = ""
+        if not sep or value < 0:
+            raise ValueError(f"{field}={curriculum!r}; allowed: {sorted(CURRICULA)} or "
+                             "odds >= 0 per bucket length like '64:4,128:2,256:1'")
+        if length not in lengths:
             raise ValueError(f"{field}={curriculum!r} names bucket {length}, which does not "
                              f"exist; the buckets (config.data.bucket_lengths): {list(lengths)}")
-        odds[int(length)] = float(value)
+        odds[length] = value
     if not any(odds.values()):
         raise ValueError(f"{field}={curriculum!r} gives no bucket positive odds")
     return {n: odds.get(n, 0.0) for n in lengths}
