@@ -59,6 +59,10 @@ class PackedDataset:
         return dataset
 
     @property
+    def seq_len(self) -> int:
+        return self.rows["tokens"].shape[1] - 1
+
+    @property
     def num_rows(self) -> int:
         return len(self.rows["tokens"])
 

@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from longjax.data.pipeline import make_dataset, make_train_stream
+from longjax.data.pipeline import PackedDataset, make_dataset, make_train_stream
 from longjax.parallel.mesh import make_mesh
 from longjax.train import config as config_lib
 from longjax.train import stages as stages_lib
@@ -140,12 +140,21 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
     return results
 
 
+def eval_num_batches(config, dataset) -> int:
+    """`config.eval.num_batches` counts batches of `data.seq_len` tokens; text evaluated at
+    a longer length gets the batches that hold the same tokens (-1: the whole split)."""
+    n = config.eval.num_batches
+    if n == -1 or not isinstance(dataset, PackedDataset) or dataset.seq_len <= config.data.seq_len:
+        return n
+    return max(1, n * config.data.seq_len // dataset.seq_len)
+
+
 def _run_eval(eval_step, params, eval_sets, mesh, config, writer, step, train_seconds):
     results = {}
     for name, dataset in eval_sets.items():
         results[name] = evaluate(eval_step, params, dataset, mesh,
                                  batch_size=config.eval.batch_size,
-                                 num_batches=config.eval.num_batches)
+                                 num_batches=eval_num_batches(config, dataset))
         writer.write(step, name, dict(results[name], train_seconds=train_seconds))
         logging.info("step %d %s: %s", step, name, _fmt(results[name]))
     return results
