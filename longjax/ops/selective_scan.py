@@ -5,18 +5,22 @@ Selective State Spaces", Algorithm 2 with zero-order-hold `A` and Euler `B`):
     y_t <- y_t * silu(z_t)  when z is given,
 
 per channel d and state index n, with `delta <- softplus(delta + delta_bias)` optionally.
-Implementations: `"reference"` (sequential `lax.scan`, fp32 state), `"xla"` (a scan over
-chunks with a parallel scan inside each chunk, rematerialised in the backward pass, so no
-`[B, T, D, N]` tensor for the whole sequence exists), `"pallas"` / `"pallas_interpret"`
-(`pallas_kernels.selective_scan`, GPU and TPU).
+Implementations: `"reference"` (sequential `lax.scan`, autodiff, fp32 state), `"xla"` (the
+same token-by-token recurrence in chunks, with a hand-written backward that recomputes each
+chunk's states from one saved state per chunk: the algorithm of the Pallas kernels in pure
+JAX, so no `[B, T, D, N]` tensor exists and the working set stays in cache), `"pallas"` /
+`"pallas_interpret"` (`pallas_kernels.selective_scan`, GPU and TPU).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from longjax.ops.scan import segment_keep
+from pallas_kernels.selective_scan import step
 
 IMPLS = ("reference", "xla", "pallas", "pallas_interpret")
 
@@ -62,33 +66,85 @@ def _reference_core(u, delta, A, B, C, keep, h0):
     return jnp.moveaxis(y, 0, 1), h_last
 
 
-def _chunk(u, delta, A, B, C, keep, h0):
-    """One chunk by a parallel prefix scan over its tokens; same layout as the reference."""
-    a = jnp.exp(delta[..., None] * A) * keep[:, :, None, None, None]
-    b = (delta * u)[..., None] * B[:, :, :, None, :]
-    a_cum, b_cum = jax.lax.associative_scan(
-        lambda l, r: (l[0] * r[0], r[0] * l[1] + r[1]), (a, b), axis=1)
-    h = a_cum * h0[:, None] + b_cum
-    return jnp.einsum("btgen,btgn->btge", h, C), h[:, -1]
+def _tokens(u, dt, B, C, keep):
+    """Kernel layout, time-major: u, dt `[T, BG, 1, E]`, B, C `[T, BG, N, 1]`, keep
+    `[T, BG, 1, 1]` from the grouped layout."""
+    G = u.shape[2]
+    rows = lambda x: jnp.moveaxis(x, 1, 0).reshape((x.shape[1], -1, 1, x.shape[-1]))
+    cols = lambda x: jnp.moveaxis(x, 1, 0).reshape((x.shape[1], -1, x.shape[-1], 1))
+    keep = jnp.repeat(keep, G, axis=0).T[:, :, None, None]
+    return rows(u), rows(dt), cols(B), cols(C), keep
+
+
+def _chunks(x, K):
+    return x.reshape((-1, K) + x.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _recurrent(u, dt, A_T, B, C, keep, h0, K):
+    """The scan token by token in chunks of K, kernel layout (see `_tokens`); A_T, h0
+    `[BG, N, E]`. Returns `y [T, BG, 1, E]`, `h_T`. The backward pass recomputes each
+    chunk's states from a saved one (as the Pallas kernels do), so only `T / K` states are
+    kept, and reuses the kernels' per-token math (`pallas_kernels.selective_scan.step`)."""
+    return _recurrent_fwd(u, dt, A_T, B, C, keep, h0, K)[0]
+
+
+def _recurrent_fwd(u, dt, A_T, B, C, keep, h0, K):
+    def token(h, xs):
+        return step.forward(h, xs[0], xs[1], A_T, xs[2], xs[3], xs[4])
+
+    def chunk(h, xs):
+        h_end, y = jax.lax.scan(token, h, xs)
+        return h_end, (y, h)
+
+    xs = tuple(_chunks(x, K) for x in (u, dt, B, C, keep))
+    h_last, (y, starts) = jax.lax.scan(chunk, h0, xs)
+    return (y.reshape(u.shape), h_last), (u, dt, A_T, B, C, keep, starts)
+
+
+def _recurrent_bwd(K, residuals, cotangents):
+    u, dt, A_T, B, C, keep, starts = residuals
+    dy, dh_last = cotangents
+
+    def chunk(carry, xs):
+        g, dA = carry
+        start, tokens = xs[0], xs[1:6]
+        states = jax.lax.scan(
+            lambda h, x: (step.forward(h, x[0], x[1], A_T, x[2], x[3], x[4])[0],) * 2,
+            start, tokens)[1]
+        previous = jnp.concatenate([start[None], states[:-1]], axis=0)
+
+        def token(carry, x):
+            g, dA = carry
+            h_prev, h, (u_t, dt_t, B_t, C_t, keep_t), dy_t = x
+            g, du, ddt, dB, dC, dA_t = step.backward(g, h_prev, h, u_t, dt_t, A_T, B_t, C_t,
+                                                     keep_t, dy_t)
+            return (g, dA + dA_t), (du, ddt, dB, dC)
+
+        return jax.lax.scan(token, (g, dA), (previous, states, tokens, xs[6]), reverse=True)
+
+    xs = (starts,) + tuple(_chunks(x, K) for x in (u, dt, B, C, keep, dy))
+    (dh0, dA), grads = jax.lax.scan(chunk, (dh_last, jnp.zeros_like(A_T)), xs, reverse=True)
+    du, ddt, dB, dC = (x.reshape((-1,) + x.shape[2:]) for x in grads)
+    return du, ddt, dA, dB, dC, jnp.zeros_like(keep), dh0
+
+
+_recurrent.defvjp(_recurrent_fwd, _recurrent_bwd)
 
 
 def _xla_core(u, delta, A, B, C, keep, h0, chunk_size):
-    Bsz, T = u.shape[:2]
+    """`_recurrent` on the grouped layout (T padded to a multiple of `chunk_size`)."""
+    Bsz, T, G, E = u.shape
     pad = -T % chunk_size
     # padded steps have delta = 0 and keep = 1: the identity, so the last state is unchanged
     padded = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (u, delta, B, C)]
     keep = jnp.pad(keep, [(0, 0), (0, pad)], constant_values=1.0)
-    chunks = lambda x: jnp.moveaxis(x.reshape((Bsz, -1, chunk_size) + x.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def step(h, xs):
-        u_c, dt_c, B_c, C_c, keep_c = xs
-        y_c, h = _chunk(u_c, dt_c, A, B_c, C_c, keep_c, h)
-        return h, y_c
-
-    h_last, y = jax.lax.scan(step, h0, tuple(chunks(x) for x in padded + [keep]))
-    y = jnp.moveaxis(y, 0, 1).reshape((Bsz, T + pad) + y.shape[3:])
-    return y[:, :T], h_last
+    A_T = jnp.tile(jnp.swapaxes(A, 1, 2), (Bsz, 1, 1))  # [BG, N, E], row b * G + g
+    h0 = jnp.swapaxes(h0, 2, 3).reshape((Bsz * G,) + A_T.shape[1:])
+    u, dt, B, C, keep = _tokens(*padded, keep)
+    y, h_last = _recurrent(u, dt, A_T, B, C, keep, h0, chunk_size)
+    y = jnp.moveaxis(y[:T, :, 0].reshape(T, Bsz, G, E), 0, 1)
+    return y, jnp.swapaxes(h_last.reshape((Bsz, G) + h_last.shape[1:]), 2, 3)
 
 
 def selective_scan_core(u, delta, A, B, C, *, keep, h0, impl, chunk_size=None):
@@ -97,7 +153,7 @@ def selective_scan_core(u, delta, A, B, C, *, keep, h0, impl, chunk_size=None):
     if impl == "reference":
         return _reference_core(u, delta, A, B, C, keep, h0)
     if impl == "xla":
-        return _xla_core(u, delta, A, B, C, keep, h0, chunk_size or 64)
+        return _xla_core(u, delta, A, B, C, keep, h0, chunk_size or 16)
     from pallas_kernels.selective_scan import selective_scan_pallas
 
     return selective_scan_pallas(u, delta, A, B, C, keep, h0, interpret=impl == "pallas_interpret",
@@ -149,7 +205,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       segment_ids: `[B, T]` document ids; the state resets at every border.
       impl: "reference", "xla", "pallas", "pallas_interpret" or "auto" (= "xla": the Pallas
         kernels are opt-in until timed on hardware).
-      chunk_size: chunk length of "xla" (default 64) and the Pallas kernels.
+      chunk_size: tokens per saved state in "xla" (default 16) and the Pallas kernels.
 
     Returns:
       y `[B, T, D]` in u's dtype, and the final state when asked.
