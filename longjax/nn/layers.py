@@ -9,6 +9,7 @@ import jax.numpy as jnp
 # Parameter names the optimizer never decays (besides every parameter with ndim < 2):
 # SSM dynamics as in Gu & Dao 2023, who exempt them from weight decay.
 NO_WEIGHT_DECAY: tuple[str, ...] = ()
+NO_WEIGHT_DECAY += ("A_log", "dt_bias", "D", "conv_bias", "log_dt", "Lambda_log_neg_re", "Lambda_im", "ssm_B", "ssm_P")  # noqa: E501  SSM mixers (longjax.nn.ssm)
 
 
 class Projection(nn.Module):
