@@ -1,0 +1,143 @@
+"""SSM scan benchmark: forward and forward+backward time and peak memory versus T per impl.
+
+    python scripts/bench_scan.py                     # CPU defaults (T = 1k .. 64k), minutes
+    python scripts/bench_scan.py --ops=selective_scan --impls=reference,xla,pallas \
+        --lengths=16384 --channels=1536              # GPU: the Pallas comparison
+
+Ops: Mamba's `selective_scan` (u, delta `[B, T, channels]`, A `[channels, state]`, B, C
+`[B, T, state]`, softplus) and Mamba-2's `ssd` (`channels / 64` heads of 64, `state`).
+Peak memory is `jax.jit(f).lower(...).compile().memory_analysis()` (arguments + outputs +
+temporaries, minus aliases), so it needs no run. Times are medians of `--repeats` runs
+after a warm-up. The Markdown table is printed and appended to `--results` with the
+machine and date, followed by the fwd+bwd speed-up of each impl over "reference".
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from longjax.ops.selective_scan import selective_scan
+from longjax.ops.ssd import ssd
+
+_OPS = flags.DEFINE_list("ops", ["selective_scan", "ssd"], "Ops to time.")
+_LENGTHS = flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths.")
+_IMPLS = flags.DEFINE_list("impls", ["reference", "xla"], "Implementations to compare.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
+_CHANNELS = flags.DEFINE_integer("channels", 128, "Channels D (selective scan) = H * 64 (SSD).")
+_STATE = flags.DEFINE_integer("state", 16, "State size N.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+_RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "File to append to.")
+_SECTION = "## SSM scans (`scripts/bench_scan.py`)"
+
+
+def _inputs(op, T, key):
+    B, D, N, dtype = _BATCH.value, _CHANNELS.value, _STATE.value, jnp.dtype(_DTYPE.value)
+    k = jax.random.split(key, 6)
+    normal = lambda i, shape: jax.random.normal(k[i], shape, jnp.float32).astype(dtype)
+    if op == "selective_scan":
+        A = -jnp.exp(jax.random.normal(k[2], (D, N)))
+        args = (normal(0, (B, T, D)), normal(1, (B, T, D)), A, normal(3, (B, T, N)),
+                normal(4, (B, T, N)))
+        return args, normal(5, (B, T, D))
+    H = D // 64
+    dt = jax.nn.softplus(normal(1, (B, T, H)).astype(jnp.float32) - 2).astype(dtype)
+    args = (normal(0, (B, T, H, 64)), dt, -jnp.exp(jax.random.normal(k[2], (H,))),
+            normal(3, (B, T, 1, N)), normal(4, (B, T, 1, N)))
+    return args, normal(5, (B, T, H, 64))
+
+
+def _op(op, impl):
+    if op == "selective_scan":
+        return functools.partial(selective_scan, delta_softplus=True, impl=impl)
+    return functools.partial(ssd, chunk_size=64, impl=impl)
+
+
+def _fwd_bwd(f):
+    def g(dy, *args):
+        _, vjp = jax.vjp(f, *args)
+        return vjp(dy)
+
+    return g
+
+
+def _measure(fn, args):
+    compiled = jax.jit(fn).lower(*args).compile()
+    m = compiled.memory_analysis()
+    peak = float("nan") if m is None else (
+        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        - m.alias_size_in_bytes) / 2**20
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return peak, statistics.median(times)
+
+
+def main(argv):
+    del argv
+    rows = []
+    for op in _OPS.value:
+        for T in (int(n) for n in _LENGTHS.value):
+            args, dy = _inputs(op, T, jax.random.PRNGKey(T))
+            for impl in _IMPLS.value:
+                f = _op(op, impl)
+                fwd_mem, fwd_t = _measure(f, args)
+                bwd_mem, bwd_t = _measure(_fwd_bwd(f), (dy,) + args)
+                row = dict(op=op, impl=impl, T=T, fwd_t=fwd_t, bwd_t=bwd_t, fwd_mem=fwd_mem,
+                           bwd_mem=bwd_mem)
+                rows.append(row)
+                print(_format_row(row), flush=True)
+    table = _table(rows)
+    print(table)
+    os.makedirs(os.path.dirname(_RESULTS.value) or ".", exist_ok=True)
+    with open(_RESULTS.value, "a") as f:
+        f.write(f"\n{_SECTION}\n\n{table}")
+
+
+def _format_row(r):
+    return (f"| {r['op']} | {r['impl']} | {r['T']} | {r['fwd_t']:.4f} | {r['bwd_t']:.4f} | "
+            f"{r['fwd_mem']:.1f} | {r['bwd_mem']:.1f} | {r['bwd_mem'] * 1024 / r['T']:.1f} |")
+
+
+def _speedups(rows):
+    ref = {(r["op"], r["T"]): r["bwd_t"] for r in rows if r["impl"] == "reference"}
+    return [f"- {r['op']} `{r['impl']}` at T={r['T']}: fwd+bwd "
+            f"{ref[(r['op'], r['T'])] / r['bwd_t']:.1f}x faster than `reference`"
+            for r in rows if r["impl"] != "reference" and (r["op"], r["T"]) in ref]
+
+
+def _table(rows):
+    device = jax.devices()[0]
+    lines = [
+        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{device.platform}: {device.device_kind}",
+        "",
+        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs; jax {jax.__version__}. Shapes: B={_BATCH.value}, "
+        f"channels={_CHANNELS.value}, state={_STATE.value}, {_DTYPE.value} (SSD: "
+        f"{_CHANNELS.value // 64} heads of 64, chunk 64). Time in seconds (median of "
+        f"{_REPEATS.value}); peak memory from `compile().memory_analysis()` in MiB.",
+        "",
+        "| op | impl | T | fwd s | fwd+bwd s | fwd peak MiB | fwd+bwd peak MiB | "
+        "fwd+bwd KiB / token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_format_row(r) for r in rows]
+    lines += [""] + _speedups(rows)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app.run(main)
