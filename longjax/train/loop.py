@@ -97,31 +97,38 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
         if len(stages) > 1:
             logging.info("Stage %d: steps %d-%d at seq_len %d, RoPE base %g", number,
                          stage.start, stage.stop, stage.seq_len, stage.rope_base)
-        tick, tokens_since = time.perf_counter(), 0
+        tick, tokens_since, logged_seconds = time.perf_counter(), 0, 0.0
         for step in range(first, stage.stop):
             batch = stream.next()
             state, metrics = train_step(state, put_batch(batch, mesh))
             tokens_since += batch["tokens"].size
             done = step + 1
-            if done % t.log_every == 0 or done == stage.stop:
-                metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - tick
-                train_seconds += elapsed
+            log = done % t.log_every == 0 or done == stage.stop
+            evaluate_now = done % config.eval.every_steps == 0 or done == t.steps
+            save = done % config.checkpoint.every_steps == 0 or done in (stage.stop, t.steps)
+            if log or evaluate_now or save:
+                metrics = jax.device_get(metrics)  # waits for the step: the clock is exact
+                now = time.perf_counter()
+                train_seconds += now - tick
+                logged_seconds += now - tick
+                tick = now
+            if log:
                 record = dict(summarize({k: metrics[k] for k in ("loss_sum", "weight", "bytes",
                                                                  "correct")}),
                               grad_norm=metrics["grad_norm"],
                               learning_rate=metrics["learning_rate"],
-                              tokens_per_sec=tokens_since / elapsed, train_seconds=train_seconds)
+                              tokens_per_sec=tokens_since / logged_seconds,
+                              train_seconds=train_seconds)
                 writer.write(done, "train", record)
                 progress.set_postfix(bpb=f"{record['bits_per_byte']:.3f}",
                                      tok_s=f"{record['tokens_per_sec']:.0f}")
                 logging.info("step %d train: %s", done, _fmt(record))
-                tick, tokens_since = time.perf_counter(), 0
+                tokens_since, logged_seconds = 0, 0.0
             pause = time.perf_counter()  # evaluation and checkpoints are not training time
-            if done % config.eval.every_steps == 0 or done == t.steps:
+            if evaluate_now:
                 results = _run_eval(eval_step, state.params, eval_sets, mesh, config, writer,
                                     done, train_seconds)
-            if done % config.checkpoint.every_steps == 0 or done in (stage.stop, t.steps):
+            if save:
                 checkpointer.save(done, state, {"batches_consumed": done,
                                                 "train_seconds": train_seconds,
                                                 "stream": stream.state()})
