@@ -21,7 +21,6 @@ TOL = {jnp.float32: dict(out=2e-5, grad=1e-4), jnp.bfloat16: dict(out=3e-2, grad
 MASKS = {
     "bidirectional": dict(),
     "causal": dict(causal=True),
-    "window": dict(window=7),
     "causal_window": dict(causal=True, window=5),
     "lambda": dict(causal=True, window=6, num_sinks=3),
     "segments": dict(causal=True, segments=True),
@@ -68,7 +67,8 @@ def _loss_grads(impl, q, k, v, do, dlse, kw, diff_extra=()):
         loss = (out.astype(jnp.float32) * do.astype(jnp.float32)).sum()
         return loss + jnp.where(jnp.isfinite(lse), lse * dlse, 0.0).sum(), (out, lse)
 
-    grads, (out, lse) = jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, extras)
+    grads, (out, lse) = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))(
+        q, k, v, extras)
     return out, lse, grads
 
 
@@ -77,6 +77,16 @@ def _assert_close(a, b, tol, what):
     assert np.all(np.isfinite(a) == np.isfinite(b)), what
     finite = np.isfinite(b)
     np.testing.assert_allclose(a[finite], b[finite], atol=tol, rtol=tol, err_msg=what)
+
+
+def _reference_vjp(q, k, v, do, kw):
+    """Gradients of <reference(q, k, v), do>, compiled as one program."""
+
+    @jax.jit
+    def grads(q, k, v, do):
+        return jax.vjp(lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v)[1](do)
+
+    return grads(q, k, v, do)
 
 
 def _compare(kind, B, T, S, H, K, D, dtype=jnp.float32, seed=0, diff_extra=()):
@@ -102,11 +112,10 @@ def _compare(kind, B, T, S, H, K, D, dtype=jnp.float32, seed=0, diff_extra=()):
     [
         ("bidirectional", 4, 4, 64, 37, 37),
         ("causal", 4, 2, 64, 37, 37),
-        ("window", 8, 2, 64, 37, 37),
         ("causal_window", 8, 1, 128, 33, 33),
         ("lambda", 4, 1, 64, 37, 37),
         ("segments", 4, 2, 64, 37, 37),
-        ("window_segments_softcap", 2, 2, 64, 37, 37),
+        ("window_segments_softcap", 8, 2, 64, 37, 37),
         ("alibi", 4, 2, 64, 37, 37),
         ("positions", 4, 1, 64, 5, 37),
     ],
@@ -138,7 +147,7 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
                                              block_k=8, **kw)
             return (out * do).sum(), (out, lse)
 
-        grads, (out, lse) = jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        grads, (out, lse) = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         empty = np.isneginf(np.asarray(lse)).transpose(0, 2, 1)  # [B, T, H]
         assert empty.any()
         np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
@@ -154,12 +163,12 @@ def test_forward_backward_api_matches_autodiff():
     _assert_close(out, ref_out, 2e-5, "out")
     _assert_close(lse, ref_lse, 2e-5, "lse")
     dq, dk, dv = attention_backward(q, k, v, out, lse, do, block_q=8, block_k=8, **kw)
-    _, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v)
-    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), vjp(do), strict=True):
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), _reference_vjp(q, k, v, do, kw),
+                          strict=True):
         _assert_close(a, b, 1e-4, name)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     B=st.integers(1, 2), T=st.integers(1, 40), S=st.integers(1, 40),
     heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (8, 2)]), D=st.sampled_from([8, 16]),
@@ -179,8 +188,8 @@ def test_xla_hypothesis(B, T, S, heads, D, causal, window, num_sinks, segments, 
     _assert_close(out, ref_out, 2e-5, "out")
     _assert_close(lse, ref_lse, 2e-5, "lse")
     grads = attention_backward(q, k, v, out, lse, do, block_q=8, block_k=8, **kw)
-    _, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v)
-    for name, a, b in zip(("dq", "dk", "dv"), grads, vjp(do), strict=True):
+    for name, a, b in zip(("dq", "dk", "dv"), grads, _reference_vjp(q, k, v, do, kw),
+                          strict=True):
         _assert_close(a, b, 1e-4, name)
 
 

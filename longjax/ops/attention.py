@@ -61,15 +61,9 @@ def _check_args(q, k, v, window, num_sinks, segment_ids=None, kv_segment_ids=Non
             raise ValueError(f"{name} must be an integer array; got {x.dtype}")
     if (q_positions is None) != (kv_positions is None):
         raise ValueError("q_positions and kv_positions must be given together")
-    if bias is not None:
-        try:
-            jnp.broadcast_shapes(bias.shape, (B, H, T, S))
-        except ValueError:
-            raise ValueError(
-                f"bias must broadcast to [B, H, T, S] = {(B, H, T, S)}; got {bias.shape}"
-            ) from None
-        if bias.ndim > 4 or jnp.broadcast_shapes(bias.shape, (B, H, T, S)) != (B, H, T, S):
-            raise ValueError(f"bias must broadcast to {(B, H, T, S)}; got {bias.shape}")
+    if bias is not None and (bias.ndim > 4 or any(
+            b not in (1, n) for b, n in zip(bias.shape[::-1], (S, T, H, B), strict=False))):
+        raise ValueError(f"bias must broadcast to [B, H, T, S] = {(B, H, T, S)}; got {bias.shape}")
     if alibi_slopes is not None and alibi_slopes.shape != (H,):
         raise ValueError(f"alibi_slopes must be [num_heads] = [{H}]; got {alibi_slopes.shape}")
 
@@ -225,6 +219,14 @@ class _Blocks:
             idx[r, : counts[r]] = np.nonzero(row)[0]
         return jnp.asarray(idx), jnp.asarray(counts, jnp.int32)
 
+    def skip_empty(self, step, i, j, carry):
+        """`step(carry)` unless segment ids leave tile (i, j) empty (packed documents)."""
+        if self.q_seg is None:
+            return step(carry)
+        qs = jax.lax.dynamic_slice_in_dim(self.q_seg, i * self.bq, self.bq, 1)
+        ks = jax.lax.dynamic_slice_in_dim(self.kv_seg, j * self.bk, self.bk, 1)
+        return jax.lax.cond(segment_visible(qs, ks).any(), step, lambda c: c, carry)
+
     def _bias_tile(self, i, j):
         b = self.bias
         start = (0, 0, i * self.bq if b.shape[2] > 1 else 0, j * self.bk if b.shape[3] > 1 else 0)
@@ -282,8 +284,10 @@ def _xla_forward(blk):
         i, row, count = args
 
         def body(n, carry):
+            return blk.skip_empty(functools.partial(step, row[n]), i, row[n], carry)
+
+        def step(j, carry):
             m, l, acc = carry
-            j = row[n]
             s, mask, _, _ = blk.scores(i, j)
             if mask is not None:
                 s = jnp.where(mask, s, -jnp.inf)
@@ -329,8 +333,10 @@ def _xla_backward(blk, out, lse, dout, dlse=None):
         vt = jax.lax.dynamic_slice_in_dim(blk.v, j * bk, bk, 1)
 
         def body(n, inner):
+            return blk.skip_empty(functools.partial(step, row[n]), row[n], j, inner)
+
+        def step(i, inner):
             dk, dv, dq, dbias, dslopes = inner
-            i = row[n]
             s, mask, tanh, dist = blk.scores(i, j)
             lse_t = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, 3)
             delta_t = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, 3)

@@ -187,9 +187,8 @@ def dot_nn(a, b):
 
 
 def dot_tn(a, b):
-    """`a.T @ b` with fp32 accumulation."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    """`a.T @ b` with fp32 accumulation (an explicit 2-D transpose, as Mosaic prefers)."""
+    return dot_nn(a.T, b)
 
 
 def scores(st, q, k, q_pos, k_pos, slope):
