@@ -1,5 +1,6 @@
 """Token layouts for sequence parallelism: permutations and per-shard positions."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,3 +56,14 @@ def test_length_must_divide(layout, length, shards, needed):
 def test_unknown_layout():
     with pytest.raises(ValueError, match="layout must be one of"):
         to_layout(jnp.zeros((1, 8)), "spiral", 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vjp_is_the_inverse_permutation(layout):
+    x = jnp.arange(2 * 16 * 3, dtype=jnp.float32).reshape(2, 16, 3)
+    g = x[::-1] * 0.5
+    _, vjp = jax.vjp(lambda x: to_layout(x, layout, 4), x)
+    np.testing.assert_array_equal(vjp(g)[0], jnp.take(g, np.argsort(layout_order(16, layout, 4)),
+                                                       axis=1))
+    _, vjp = jax.vjp(lambda x: from_layout(x, layout, 4), x)
+    np.testing.assert_array_equal(vjp(g)[0], to_layout(g, layout, 4))

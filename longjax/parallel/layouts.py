@@ -9,11 +9,14 @@ A layout says which global tokens each of the `P` shards of the sequence axis ho
 - `"striped"`: token i lives on shard `i mod P` (Brandon et al. 2023).
 
 `to_layout` reorders a global array so that splitting it into `P` equal contiguous pieces
-gives each shard its tokens; `from_layout` undoes it. Inside `jax.shard_map`,
+gives each shard its tokens (`layout_order` spells the permutation out); `from_layout`
+undoes it. Inside `jax.shard_map`,
 `shard_positions` gives the global positions of the local tokens.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,14 +61,50 @@ def layout_order(seq_len: int, layout: str, num_shards: int) -> np.ndarray:
 
 
 def to_layout(x, layout: str, num_shards: int, axis: int = 1):
-    """Reorders `x` along `axis` from natural token order into `layout`'s order."""
-    return jnp.take(x, layout_order(x.shape[axis], layout, num_shards), axis=axis)
+    """Reorders `x` along `axis` from natural token order into `layout`'s order.
+
+    Built from reshapes, flips and transposes (never a gather), with the inverse
+    permutation as its VJP, so on an array sharded along `axis` XLA moves only O(T/P) per
+    device (collective permutes / all-to-all), forward and backward.
+    """
+    check_layout(layout, x.shape[axis], num_shards)
+    return _reorder(x, layout, num_shards, axis % x.ndim, False)
 
 
 def from_layout(x, layout: str, num_shards: int, axis: int = 1):
     """Inverse of `to_layout`: back from `layout`'s order to natural token order."""
-    order = layout_order(x.shape[axis], layout, num_shards)
-    return jnp.take(x, np.argsort(order), axis=axis)
+    check_layout(layout, x.shape[axis], num_shards)
+    return _reorder(x, layout, num_shards, axis % x.ndim, True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _reorder(x, layout, num_shards, axis, inverse):
+    if layout == "contiguous":
+        return x
+    pre, length, post = x.shape[:axis], x.shape[axis], x.shape[axis + 1:]
+    if layout == "striped":
+        split = (num_shards, length // num_shards) if inverse else (length // num_shards,
+                                                                      num_shards)
+        return jnp.swapaxes(x.reshape(*pre, *split, *post), axis, axis + 1).reshape(x.shape)
+    chunk = length // (2 * num_shards)
+    if inverse:  # [P, 2, c] -> [2, P, c], second half reversed
+        y = x.reshape(*pre, num_shards, 2, chunk, *post)
+        halves = (jnp.take(y, 0, axis + 1), jnp.flip(jnp.take(y, 1, axis + 1), axis))
+        return jnp.stack(halves, axis).reshape(x.shape)
+    y = x.reshape(*pre, 2, num_shards, chunk, *post)
+    halves = (jnp.take(y, 0, axis), jnp.flip(jnp.take(y, 1, axis), axis))
+    return jnp.stack(halves, axis + 1).reshape(x.shape)
+
+
+def _reorder_fwd(x, layout, num_shards, axis, inverse):
+    return _reorder(x, layout, num_shards, axis, inverse), None
+
+
+def _reorder_bwd(layout, num_shards, axis, inverse, _, g):
+    return (_reorder(g, layout, num_shards, axis, not inverse),)
+
+
+_reorder.defvjp(_reorder_fwd, _reorder_bwd)
 
 
 def shard_positions(local_len: int, layout: str, num_shards: int, shard_index):
