@@ -139,15 +139,47 @@ def chunk_maps(q, k, v, g, beta, resets, delta) -> ChunkMaps:
     strict = jnp.tril(jnp.ones((C, C), bool), -1)
     beta_h = jnp.moveaxis(beta, -1, 2)[..., None]  # [B, N, H, C, 1]
     kk = jnp.einsum("bnihd,bnjhd->bnhij", k, k) * jnp.where(strict, decay, 0.0)
-    lower = jnp.eye(C) + beta_h * kk
     ke = jnp.moveaxis(k * e[..., None], 3, 2)
     rhs = beta_h * jnp.concatenate([jnp.moveaxis(v, 3, 2), ke], -1)
-    uw = jax.scipy.linalg.solve_triangular(lower, rhs, lower=True, unit_diagonal=True)
+    uw = unit_lower_solve(beta_h * kk, rhs)
     u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1]:]  # [B, N, H, C, Dv / Dk]
     intra = jnp.einsum("bnhij,bnhjv->bnihv", scores, u)
     readout = readout - jnp.moveaxis(jnp.einsum("bnhij,bnhjd->bnhid", scores, w), 2, 3)
     A = A[..., None] * jnp.eye(q.shape[-1]) - jnp.einsum("bnjhk,bnhjd->bnhkd", kf, w)
     return ChunkMaps(intra, readout, A, jnp.einsum("bnjhk,bnhjv->bnhkv", kf, u))
+
+
+def _forward_substitution(L, B):
+    """X with `(I + L) X = B` for strictly lower-triangular `L [..., C, C]`, row by row."""
+
+    def row(i, X):
+        return X.at[..., i, :].set(B[..., i, :] - jnp.einsum("...j,...jm->...m", L[..., i, :], X))
+
+    return jax.lax.fori_loop(0, L.shape[-1], row, jnp.zeros_like(B))
+
+
+@jax.custom_vjp
+def unit_lower_solve(L, B):
+    """`(I + L)^{-1} B` for strictly lower-triangular `L`; a loop of C row updates (XLA's
+    CPU triangular solve is far slower). Its VJP solves the transposed system the same way."""
+    return _forward_substitution(L, B)
+
+
+def _solve_fwd(L, B):
+    X = _forward_substitution(L, B)
+    return X, (L, X)
+
+
+def _solve_bwd(res, dX):
+    L, X = res
+    # (I + L)^T dB = dX: reversing the rows and columns makes L^T strictly lower again.
+    upper_flipped = jnp.flip(jnp.swapaxes(L, -1, -2), (-2, -1))
+    dB = jnp.flip(_forward_substitution(upper_flipped, jnp.flip(dX, -2)), -2)
+    dL = -jnp.tril(jnp.einsum("...im,...jm->...ij", dB, X), -1)
+    return dL, dB
+
+
+unit_lower_solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def chunk_states(A, B, state):
