@@ -7,7 +7,8 @@ Two layers, trained on sequences of 64 tokens with 8 key-value pairs, evaluated 
 held-out stream at 64, 128 and 256 tokens (`eval_len*` accuracy on the answer positions;
 chance is 1/128). A 64-wide attention model reaches ~100% at 64 tokens in about two CPU
 minutes. Variants: `mixer=<name or pattern>`, `preset=<hybrid>`, `d_model=...`
-(`mlp_dim` follows as 2 x d_model unless given), `num_kv_pairs=...`, `steps=...`, or
+(`mlp_dim` follows as 2 x d_model unless given), `num_kv_pairs=...`, `num_symbols=...`,
+`steps=...`, or
 any dotted field. The sweep behind `docs/results/mqar.md` lists its exact commands there.
 """
 
@@ -19,14 +20,15 @@ def get_config(arg=None):
     config.model.update(d_model=64, num_layers=2, num_heads=2, num_kv_heads=2, mlp_dim=128)
     config.data.update(source="task", task="mqar", seq_len=64, batch_size=32,
                        eval_seq_lens=(64, 128, 256))
-    config.data.task_options = {"num_kv_pairs": 8}
-    config.train.update(steps=1500, learning_rate=3e-3, warmup_steps=100, log_every=100,
-                        weight_decay=0.1)
-    config.eval.update(every_steps=500, batch_size=64, num_batches=4)
-    config.checkpoint.update(every_steps=1500, keep=1)
+    config.data.task_options = {"num_kv_pairs": 4, "num_symbols": 16}
+    config.train.update(steps=600, learning_rate=5e-3, warmup_steps=50, log_every=100,
+                        weight_decay=0.1, progress_bar=False)
+    config.eval.update(every_steps=600, batch_size=64, num_batches=4)
+    config.checkpoint.update(every_steps=600, keep=1)
     overrides = parse_arg(arg)
-    if "num_kv_pairs" in overrides:
-        config.data.task_options.num_kv_pairs = int(overrides.pop("num_kv_pairs"))
+    for option in ("num_kv_pairs", "num_symbols"):
+        if option in overrides:
+            config.data.task_options[option] = int(overrides.pop(option))
     config = apply_arg(config, ",".join(f"{k}={v}" for k, v in overrides.items()))
     if not {"mlp_dim", "model.mlp_dim"} & set(overrides):
         config.model.mlp_dim = 2 * config.model.d_model

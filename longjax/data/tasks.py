@@ -7,10 +7,10 @@ Token ids are bytes, in [0, 256). `TASKS` maps each name to its option defaults.
 
 - `mqar`, multi-query associative recall (Arora et al. 2023, "Zoology", Sec. 3): the
   sequence opens with `num_kv_pairs` key-value pairs `k_1 v_1 ... k_N v_N` (distinct keys
-  from [1, 128), values from [128, 256)); every key then appears once more, at a random
-  two-token slot of the rest of the sequence followed by its value, and the model must
-  predict that value from the key. Other tokens are 0. (Zoology draws the query gaps from
-  a power law; here the slots are uniform.)
+  from the `num_symbols` ids [1, 1 + S), values from [128, 128 + S)); every key then
+  appears once more, at a random two-token slot of the rest of the sequence followed by
+  its value, and the model must predict that value from the key. Other tokens are 0.
+  (Zoology draws the query gaps from a power law; here the slots are uniform.)
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import numpy as np
 
 from longjax.data.tokenizer import PAD
 
-_KEYS = np.arange(1, 128)
-_VALUES = np.arange(128, 256)
+_MAX_SYMBOLS = 127
 
 
-def _mqar_row(rng, seq_len, num_kv_pairs):
+def _mqar_row(rng, seq_len, num_kv_pairs, num_symbols):
     n = num_kv_pairs
-    keys = rng.choice(_KEYS, n, replace=False)
-    values = rng.choice(_VALUES, n)
+    keys = 1 + rng.choice(num_symbols, n, replace=False)
+    values = 128 + rng.choice(num_symbols, n)
     tokens = np.zeros(seq_len, np.int32)
     tokens[0:2 * n:2], tokens[1:2 * n:2] = keys, values
     slots = 2 * n + 2 * np.sort(rng.choice((seq_len - 2 * n) // 2, n, replace=False))
@@ -39,19 +38,22 @@ def _mqar_row(rng, seq_len, num_kv_pairs):
     return tokens, weights
 
 
-def _mqar(rng, batch_size, seq_len, num_kv_pairs):
-    if not isinstance(num_kv_pairs, int) or not 1 <= num_kv_pairs <= len(_KEYS):
+def _mqar(rng, batch_size, seq_len, num_kv_pairs, num_symbols):
+    if not isinstance(num_symbols, int) or not 1 <= num_symbols <= _MAX_SYMBOLS:
+        raise ValueError(f"mqar: task_options.num_symbols must be an int in "
+                         f"[1, {_MAX_SYMBOLS}]; got {num_symbols!r}")
+    if not isinstance(num_kv_pairs, int) or not 1 <= num_kv_pairs <= num_symbols:
         raise ValueError(f"mqar: task_options.num_kv_pairs must be an int in "
-                         f"[1, {len(_KEYS)}]; got {num_kv_pairs!r}")
+                         f"[1, num_symbols={num_symbols}]; got {num_kv_pairs!r}")
     if seq_len < 4 * num_kv_pairs:
         raise ValueError(f"mqar: seq_len={seq_len} is too short for num_kv_pairs="
                          f"{num_kv_pairs}; it needs at least 4 * num_kv_pairs tokens")
-    rows = [_mqar_row(rng, seq_len, num_kv_pairs) for _ in range(batch_size)]
+    rows = [_mqar_row(rng, seq_len, num_kv_pairs, num_symbols) for _ in range(batch_size)]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
 _GENERATORS: dict[str, Callable] = {"mqar": _mqar}
-TASKS: dict[str, dict] = {"mqar": {"num_kv_pairs": 8}}
+TASKS: dict[str, dict] = {"mqar": {"num_kv_pairs": 8, "num_symbols": _MAX_SYMBOLS}}
 
 
 def task_batch(name, *, seed, step, batch_size, seq_len, **options) -> dict[str, np.ndarray]:
