@@ -1,5 +1,6 @@
 """S4D / S4: kernels against direct powers, convolution mode against recurrent mode."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,17 +37,18 @@ def test_s4d_convolution_equals_recurrence(kind, method):
     Lambda, B = (_tile(v) for v in s4.s4d_init(N, kind))
     C = jnp.asarray(C[:, : N // 2], jnp.complex64)
     Ab, Bb = s4.discretize(Lambda, B, dt, method)
-    K = s4.s4d_kernel(Lambda, B, C, dt, L, method)
+    K = jax.jit(s4.s4d_kernel, static_argnums=(4, 5))(Lambda, B, C, dt, L, method)
     direct = np.stack([2 * np.real(np.sum(C * Bb * Ab**l, -1)) for l in range(L)], -1)
     np.testing.assert_allclose(K, direct, rtol=1e-4, atol=1e-5)
     y_conv = s4.causal_conv(u, K)
-    y_rec, _ = s4.s4d_recurrence(u, Ab, Bb, C)
+    recurrence = jax.jit(s4.s4d_recurrence)
+    y_rec, _ = recurrence(u, Ab, Bb, C)
     np.testing.assert_allclose(y_conv, y_rec, rtol=1e-4, atol=1e-5)
     # resets: each document equals a fresh run on that document alone
-    y_seg, _ = s4.s4d_recurrence(u, Ab, Bb, C, segment_ids=seg)
+    y_seg, _ = recurrence(u, Ab, Bb, C, segment_ids=seg)
     first = int(np.argmax(np.asarray(seg[0]) != np.asarray(seg[0, 0])))
     if first:
-        y_doc, _ = s4.s4d_recurrence(u[:, first:], Ab, Bb, C, segment_ids=seg[:, first:])
+        y_doc, _ = recurrence(u[:, first:], Ab, Bb, C, segment_ids=seg[:, first:])
         np.testing.assert_allclose(y_seg[0, first:], y_doc[0], rtol=1e-4, atol=1e-5)
 
 
@@ -54,12 +56,12 @@ def test_s4_cauchy_kernel_equals_powers_and_recurrence():
     dt, u, C, _ = _setup(1)
     Lambda, p, B = (_tile(v) for v in s4.dplr_legs(N))
     C = jnp.asarray(C, jnp.complex64)
-    K = s4.s4_kernel(Lambda, p, B, C, dt, L)
+    K = jax.jit(s4.s4_kernel, static_argnums=5)(Lambda, p, B, C, dt, L)
     Ab, Bb = (np.asarray(v, np.complex128) for v in s4.s4_dense(Lambda, p, B, dt))
     direct = np.stack([np.real(np.einsum("hn,hnm,hm->h", C, np.stack(
         [np.linalg.matrix_power(a, l) for a in Ab]), Bb)) for l in range(L)], -1)
     np.testing.assert_allclose(K, direct, rtol=1e-4, atol=1e-5)
-    y_rec, _ = s4.s4_recurrence(u, *s4.s4_dense(Lambda, p, B, dt), C)
+    y_rec, _ = jax.jit(s4.s4_recurrence)(u, *s4.s4_dense(Lambda, p, B, dt), C)
     np.testing.assert_allclose(s4.causal_conv(u, K), y_rec, rtol=1e-4, atol=1e-5)
 
 
@@ -68,3 +70,22 @@ def test_bad_inputs():
         s4.s4d_init(N, "fourier")
     with pytest.raises(ValueError, match="method"):
         s4.discretize(jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.ones((1,)), "euler")
+
+
+def test_s4d_convolution_and_recurrence_gradients_agree():
+    dt, u, C, _ = _setup(2)
+    Lambda, B = (_tile(v) for v in s4.s4d_init(N, "inv"))
+    C = jnp.asarray(C[:, : N // 2], jnp.complex64)
+    w = jnp.cos(jnp.arange(u.size, dtype=jnp.float32)).reshape(u.shape)
+
+    def loss(mode, Lambda, B, C, dt, u):
+        if mode == "conv":
+            y = s4.causal_conv(u, s4.s4d_kernel(Lambda, B, C, dt, L))
+        else:
+            y = s4.s4d_recurrence(u, *s4.discretize(Lambda, B, dt), C)[0]
+        return jnp.sum(y * w)
+
+    grads = jax.jit(jax.grad(loss, argnums=(1, 2, 3, 4, 5)), static_argnums=0)
+    for got, want in zip(grads("conv", Lambda, B, C, dt, u), grads("rec", Lambda, B, C, dt, u),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * (1 + np.abs(want).max()))

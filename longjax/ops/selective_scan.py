@@ -153,7 +153,7 @@ def selective_scan_core(u, delta, A, B, C, *, keep, h0, impl, chunk_size=None):
     if impl == "reference":
         return _reference_core(u, delta, A, B, C, keep, h0)
     if impl == "xla":
-        return _xla_core(u, delta, A, B, C, keep, h0, chunk_size or 16)
+        return _xla_core(u, delta, A, B, C, keep, h0, chunk_size or 64)
     from pallas_kernels.selective_scan import selective_scan_pallas
 
     return selective_scan_pallas(u, delta, A, B, C, keep, h0, interpret=impl == "pallas_interpret",
@@ -205,7 +205,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       segment_ids: `[B, T]` document ids; the state resets at every border.
       impl: "reference", "xla", "pallas", "pallas_interpret" or "auto" (= "xla": the Pallas
         kernels are opt-in until timed on hardware).
-      chunk_size: tokens per saved state in "xla" (default 16) and the Pallas kernels.
+      chunk_size: tokens per saved state in "xla" (default 64) and the Pallas kernels.
 
     Returns:
       y `[B, T, D]` in u's dtype, and the final state when asked.
