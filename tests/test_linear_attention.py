@@ -90,7 +90,7 @@ def test_xla_matches_reference_fp32_with_grads(name):
         np.testing.assert_allclose(g_xla, g_ref, atol=1e-4, rtol=1e-3, err_msg=str(path))
 
 
-@pytest.mark.parametrize("name", ["gla", "gated_delta_rule", "based"])
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule"])
 def test_xla_matches_reference_bf16(name):
     """bf16 inputs, fp32 states: the impls agree to bf16 output rounding (and grads too)."""
     x = _inputs(jnp.bfloat16)
@@ -189,13 +189,13 @@ def _rglru_loop(x, r, i, a_param, segment_ids, h):
     return jnp.stack(ys, 1), h
 
 
-@pytest.mark.parametrize("with_state", [False, True])
-def test_rglru_matches_its_definition_with_grads(with_state):
+def test_rglru_matches_its_definition_with_grads():
+    """With an initial state, and a document start inside (where the input is not scaled)."""
     rng = np.random.default_rng(2)
     x = _normal(rng, B, T, 5)
     r, i = jax.nn.sigmoid(_normal(rng, B, T, 5)), jax.nn.sigmoid(_normal(rng, B, T, 5))
     a_param = _normal(rng, 5) + 2.0
-    h0 = _normal(rng, B, 5) if with_state else None
+    h0 = _normal(rng, B, 5)
     want, want_h = jax.jit(_rglru_loop)(x, r, i, a_param, SEGMENTS, h0)
 
     def run(impl, x, r, i, a_param):
@@ -205,8 +205,6 @@ def test_rglru_matches_its_definition_with_grads(with_state):
     got, got_h = jax.jit(run, static_argnums=0)("auto", x, r, i, a_param)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got_h, want_h, atol=1e-5, rtol=1e-5)
-    if not with_state:
-        return
     grads = {impl: jax.jit(jax.grad(lambda *a, impl=impl: run(impl, *a)[0].sum(),
                                     argnums=(0, 1, 2, 3)))(x, r, i, a_param)
              for impl in ("reference", "auto")}
