@@ -16,17 +16,13 @@ The Markdown table is printed and appended to `--results` with the machine and d
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from longjax.benchmarking import append_results, fwd_bwd, heading, machine, measure
 from longjax.ops.attention import dot_product_attention
 
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768",
@@ -57,37 +53,6 @@ def _attention(impl, causal):
     return functools.partial(dot_product_attention, causal=causal, impl=impl)
 
 
-def _fwd_bwd(attn):
-    def f(q, k, v, do):
-        _, vjp = jax.vjp(attn, q, k, v)
-        return vjp(do)
-
-    return f
-
-
-def _peak_mib(compiled):
-    m = compiled.memory_analysis()
-    if m is None:
-        return float("nan")
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    return (total - m.alias_size_in_bytes) / 2**20
-
-
-def _time(compiled, args):
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _measure(fn, args, timed):
-    compiled = jax.jit(fn).lower(*args).compile()
-    return _peak_mib(compiled), (_time(compiled, args) if timed else None)
-
-
 def main(argv):
     del argv
     B, H, D = _BATCH.value, _HEADS.value, _HEAD_DIM.value
@@ -106,8 +71,10 @@ def main(argv):
                 limit = _MAX_REF_TIME_LEN.value if impl == "reference" else _MAX_TIME_LEN.value
                 attn = _attention(impl, causal)
                 try:
-                    fwd_mem, fwd_t = _measure(attn, (q, k, v), T <= limit)
-                    bwd_mem, bwd_t = _measure(_fwd_bwd(attn), (q, k, v, do), T <= limit)
+                    fwd_mem, fwd_t = measure(attn, (q, k, v), repeats=_REPEATS.value,
+                                             timed=T <= limit)
+                    bwd_mem, bwd_t = measure(fwd_bwd(attn), (q, k, v, do), repeats=_REPEATS.value,
+                                             timed=T <= limit)
                 except Exception as e:  # noqa: BLE001 - an impl may not apply (e.g. cuDNN)
                     print(f"{impl} T={T} causal={causal}: {type(e).__name__}: {e}"[:300])
                     continue
@@ -119,7 +86,7 @@ def main(argv):
                 print(_format_row(row), flush=True)
     table = _table(rows, B, H, K, D, dtype)
     print(table)
-    _append(table)
+    append_results(_RESULTS.value, _SECTION, table)
 
 
 def _fmt(x, spec):
@@ -133,13 +100,10 @@ def _format_row(r):
 
 
 def _table(rows, B, H, K, D, dtype):
-    device = jax.devices()[0]
     lines = [
-        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{device.platform}: {device.device_kind}",
+        heading(),
         "",
-        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs; jax {jax.__version__}. Shapes: B={B}, H={H}, "
+        f"Machine: {machine()}. Shapes: B={B}, H={H}, "
         f"KV heads={K}, head_dim={D}, {dtype.name}. Time in seconds (median), peak memory "
         "from `compile().memory_analysis()` (arguments + outputs + temporaries) in MiB.",
         "",
@@ -149,12 +113,6 @@ def _table(rows, B, H, K, D, dtype):
     ]
     lines += [_format_row(r) for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def _append(table):
-    os.makedirs(os.path.dirname(_RESULTS.value) or ".", exist_ok=True)
-    with open(_RESULTS.value, "a") as f:
-        f.write(f"\n{_SECTION}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,12 @@ is appended to `--results` with the machine and date.
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from longjax.benchmarking import append_results, fwd_bwd, heading, machine, measure
 from longjax.ops import linear_attention as la
 from longjax.ops.attention import dot_product_attention
 
@@ -73,33 +68,6 @@ def _op(name, impl):
     return (lambda *args: fn(*args, impl=impl)), names
 
 
-def _fwd_bwd(fn):
-    def f(*args):
-        out, vjp = jax.vjp(fn, *args[:-1])
-        return vjp(args[-1])
-
-    return f
-
-
-def _peak_mib(compiled):
-    m = compiled.memory_analysis()
-    if m is None:
-        return float("nan")
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    return (total - m.alias_size_in_bytes) / 2**20
-
-
-def _measure(fn, args):
-    compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), _peak_mib(compiled)
-
-
 def main(argv):
     del argv
     B, H, D = _BATCH.value, _HEADS.value, _HEAD_DIM.value
@@ -112,26 +80,23 @@ def main(argv):
         for op, impl in cases:
             fn, names = _op(op, impl)
             args = [x[n] for n in names]
-            fwd_t, fwd_mem = _measure(fn, args)
-            bwd_t, bwd_mem = _measure(_fwd_bwd(fn), [*args, x["do"]])
+            fwd_mem, fwd_t = measure(fn, args, repeats=_REPEATS.value)
+            bwd_mem, bwd_t = measure(fwd_bwd(fn), [*args, x["do"]], repeats=_REPEATS.value)
             results[op, impl, T] = (fwd_t, bwd_t, fwd_mem, bwd_mem)
             print(f"{op} {impl} T={T}: fwd {fwd_t:.4f}s fwd+bwd {bwd_t:.4f}s "
                   f"peak {fwd_mem:.0f}/{bwd_mem:.0f} MiB", flush=True)
     text = _report(results, B, H, D)
     print(text)
-    _append(text)
+    append_results(_RESULTS.value, _SECTION, text)
 
 
 def _report(results, B, H, D):
-    device = jax.devices()[0]
     lengths = sorted({T for _, _, T in results})
     lines = [
-        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{device.platform}: {device.device_kind}",
+        heading(),
         "",
-        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs; jax {jax.__version__}. B={B}, H={H}, Dk=Dv={D}, float32, "
-        "default chunk sizes (64; 16 for gla). Seconds (median), peak MiB from "
+        f"Machine: {machine()}. B={B}, H={H}, Dk=Dv={D}, float32, "
+        "default chunk sizes (64; 8 for gla). Seconds (median), peak MiB from "
         "`compile().memory_analysis()`.",
         "",
         "| op | impl | T | fwd s | fwd+bwd s | fwd peak MiB | fwd+bwd peak MiB |",
@@ -157,16 +122,6 @@ def _report(results, B, H, D):
             lines.append(f"- {op} (xla): " + (f"faster than attention from T={faster[0]}"
                                               if faster else "not faster at these lengths"))
     return "\n".join(lines) + "\n"
-
-
-def _append(text):
-    path = _RESULTS.value
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    existing = open(path).read() if os.path.exists(path) else ""
-    with open(path, "a") as f:
-        if _SECTION not in existing:
-            f.write(f"\n{_SECTION}\n\n")
-        f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,14 @@ The Markdown table is printed and appended to `--results` with the machine and d
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
+from longjax.benchmarking import append_results, fwd_bwd, heading, machine, measure
 from longjax.ops.attention import dot_product_attention
 from longjax.parallel import all_gather_attention, ring_attention, to_layout, ulysses_attention
 
@@ -48,29 +44,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (media
 _RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "File to append to.")
 _SECTION = "## Sequence parallelism (`scripts/bench_ring.py`)"
 _FNS = {"ring": ring_attention, "all_gather": all_gather_attention, "ulysses": ulysses_attention}
-
-
-def _fwd_bwd(attn):
-    def f(q, k, v, do):
-        _, vjp = jax.vjp(attn, q, k, v)
-        return vjp(do)
-
-    return f
-
-
-def _measure(fn, args):
-    """(per-device peak MiB, median seconds) of jitted `fn` on `args`."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    m = compiled.memory_analysis()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes) / 2**20
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return peak, statistics.median(times)
 
 
 def _inputs(T, devices):
@@ -104,30 +77,28 @@ def main(argv):
     for T in (int(n) for n in _LENGTHS.value):
         args = _inputs(T, devices)
         for name, length in ((f"1 device, T={T}", T), (f"1 device, T/P={T // P}", T // P)):
-            mem, sec = _measure(_fwd_bwd(single), [x[:, :length] for x in args])
+            mem, sec = measure(fwd_bwd(single), [x[:, :length] for x in args],
+                               repeats=_REPEATS.value)
             rows.append((name, T, sec, mem))
             print(rows[-1], flush=True)
         for item in _STRATEGIES.value:
             strategy, layout = item.split(":")
             sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
             laid = [jax.device_put(to_layout(x, layout, P), sharding) for x in args]
-            mem, sec = _measure(_fwd_bwd(_sharded(strategy, layout, mesh)), laid)
+            mem, sec = measure(fwd_bwd(_sharded(strategy, layout, mesh)), laid,
+                               repeats=_REPEATS.value)
             rows.append((f"{strategy} ({layout}), P={P}", T, sec, mem))
             print(rows[-1], flush=True)
     table = _table(rows, devices[0])
     print(table)
-    os.makedirs(os.path.dirname(_RESULTS.value) or ".", exist_ok=True)
-    with open(_RESULTS.value, "a") as f:
-        f.write(f"\n{_SECTION}\n\n{table}")
+    append_results(_RESULTS.value, _SECTION, table)
 
 
 def _table(rows, device):
     lines = [
-        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{_DEVICES.value} x {device.platform}: {device.device_kind}",
+        heading(f"{_DEVICES.value} x {device.platform}: {device.device_kind}"),
         "",
-        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs; jax {jax.__version__}. Forward+backward, causal="
+        f"Machine: {machine()}. Forward+backward, causal="
         f"{_CAUSAL.value}, B={_BATCH.value}, H={_HEADS.value}, KV heads={_KV_HEADS.value}, "
         f"head_dim={_HEAD_DIM.value}, {_DTYPE.value}, ring tiles: "
         f"{_RING_BLOCK.value or 'one layout chunk'}. Time: median seconds for the whole "

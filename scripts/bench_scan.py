@@ -14,17 +14,13 @@ machine and date, followed by the fwd+bwd speed-up of each impl over "reference"
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from longjax.benchmarking import append_results, fwd_bwd, heading, machine, measure
 from longjax.ops.selective_scan import selective_scan
 from longjax.ops.ssd import ssd
 
@@ -62,29 +58,6 @@ def _op(op, impl):
     return functools.partial(ssd, chunk_size=64, impl=impl)
 
 
-def _fwd_bwd(f):
-    def g(dy, *args):
-        _, vjp = jax.vjp(f, *args)
-        return vjp(dy)
-
-    return g
-
-
-def _measure(fn, args):
-    compiled = jax.jit(fn).lower(*args).compile()
-    m = compiled.memory_analysis()
-    peak = float("nan") if m is None else (
-        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-        - m.alias_size_in_bytes) / 2**20
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return peak, statistics.median(times)
-
-
 def main(argv):
     del argv
     rows = []
@@ -93,17 +66,15 @@ def main(argv):
             args, dy = _inputs(op, T, jax.random.PRNGKey(T))
             for impl in _IMPLS.value:
                 f = _op(op, impl)
-                fwd_mem, fwd_t = _measure(f, args)
-                bwd_mem, bwd_t = _measure(_fwd_bwd(f), (dy,) + args)
+                fwd_mem, fwd_t = measure(f, args, repeats=_REPEATS.value)
+                bwd_mem, bwd_t = measure(fwd_bwd(f), (*args, dy), repeats=_REPEATS.value)
                 row = dict(op=op, impl=impl, T=T, fwd_t=fwd_t, bwd_t=bwd_t, fwd_mem=fwd_mem,
                            bwd_mem=bwd_mem)
                 rows.append(row)
                 print(_format_row(row), flush=True)
     table = _table(rows)
     print(table)
-    os.makedirs(os.path.dirname(_RESULTS.value) or ".", exist_ok=True)
-    with open(_RESULTS.value, "a") as f:
-        f.write(f"\n{_SECTION}\n\n{table}")
+    append_results(_RESULTS.value, _SECTION, table)
 
 
 def _format_row(r):
@@ -119,13 +90,10 @@ def _speedups(rows):
 
 
 def _table(rows):
-    device = jax.devices()[0]
     lines = [
-        f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{device.platform}: {device.device_kind}",
+        heading(),
         "",
-        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs; jax {jax.__version__}. Shapes: B={_BATCH.value}, "
+        f"Machine: {machine()}. Shapes: B={_BATCH.value}, "
         f"channels={_CHANNELS.value}, state={_STATE.value}, {_DTYPE.value} (SSD: "
         f"{_CHANNELS.value // 64} heads of 64, chunk 64). Time in seconds (median of "
         f"{_REPEATS.value}); peak memory from `compile().memory_analysis()` in MiB.",

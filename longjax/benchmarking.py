@@ -1,0 +1,85 @@
+"""Shared pieces of `scripts/bench_*.py`: compiled memory, median time, the results file.
+
+Peak memory is read from XLA's compiled memory analysis (arguments + outputs + temporaries
+- aliases), which is exact and repeatable even on a busy machine, and needs no run; times
+are medians of repeated calls of the compiled function, so compare them within one run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+
+import jax
+
+
+def fwd_bwd(fn):
+    """`f(*inputs, cotangent) -> input gradients`: one forward and one backward of `fn`."""
+
+    def f(*args):
+        *inputs, cotangent = args
+        _, vjp = jax.vjp(fn, *inputs)
+        return vjp(cotangent)
+
+    return f
+
+
+def peak_mib(compiled) -> float:
+    """Peak bytes of a compiled function, in MiB (nan when the backend does not say)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return float("nan")
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return (total - m.alias_size_in_bytes) / 2**20
+
+
+def median_seconds(compiled, args, repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up call."""
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(fn, args, *, repeats: int, timed: bool = True):
+    """`(peak MiB, median seconds or None)` of `jax.jit(fn)` on `args`."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    return peak_mib(compiled), (median_seconds(compiled, args, repeats) if timed else None)
+
+
+def heading(devices: str | None = None) -> str:
+    """A Markdown heading with the UTC time and the devices (default: the first device)."""
+    if devices is None:
+        device = jax.devices()[0]
+        devices = f"{device.platform}: {device.device_kind}"
+    return f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {devices}"
+
+
+def machine() -> str:
+    """The host, its processor and CPU count, and the jax version."""
+    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs; jax {jax.__version__}")
+
+
+def append_results(path: str, section: str, text: str) -> None:
+    """Adds `text` at the end of the `section` heading's part of the Markdown file `path`
+    (before the next `## ` heading), or a new section at the end if there is none."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    existing = open(path).read() if os.path.exists(path) else ""
+    text = text.rstrip("\n") + "\n"
+    if section not in existing:
+        updated = existing.rstrip("\n") + f"\n\n{section}\n\n{text}"
+    else:
+        start = existing.index(section) + len(section)
+        following = re.search(r"^## ", existing[start:], flags=re.MULTILINE)
+        end = start + following.start() if following else len(existing)
+        updated = existing[:end].rstrip("\n") + f"\n\n{text}\n" + existing[end:]
+    with open(path, "w") as f:
+        f.write(updated.lstrip("\n"))
