@@ -90,6 +90,20 @@ def test_xla_matches_reference_fp32_with_grads(name):
         np.testing.assert_allclose(g_xla, g_ref, atol=1e-4, rtol=1e-3, err_msg=str(path))
 
 
+@pytest.mark.parametrize("C", [48, 20])  # blocked (3 blocks of 16), and row by row
+def test_unit_lower_solve_and_its_gradient(C):
+    """`(I + L)^{-1} B` and its VJP against a dense solve of the delta rules' system."""
+    rng = np.random.default_rng(2)
+    L = jnp.tril(_normal(rng, 3, C, C), -1) * 0.3
+    rhs, ct = _normal(rng, 3, C, 5), _normal(rng, 3, C, 5)
+    dense = lambda L, rhs: jnp.linalg.solve(jnp.eye(C) + L, rhs)
+    np.testing.assert_allclose(la.unit_lower_solve(L, rhs), dense(L, rhs), atol=1e-4, rtol=1e-4)
+    grads = [jax.grad(lambda L, rhs, f=f: jnp.sum(f(L, rhs) * ct), (0, 1))(L, rhs)
+             for f in (la.unit_lower_solve, dense)]
+    np.testing.assert_allclose(grads[0][0], jnp.tril(grads[1][0], -1), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["gla", "gated_delta_rule"])
 def test_xla_matches_reference_bf16(name):
     """bf16 inputs, fp32 states: the impls agree to bf16 output rounding (and grads too)."""
