@@ -74,6 +74,18 @@ def test_validate_batch_must_divide_over_data_shards():
         config_lib.validate(config, num_data_shards=8)
 
 
+def test_validate_lengths_must_split_over_sequence_shards():
+    config = cli.load_config_file(f"{QUICKSTART}:seq_len=72")
+    config_lib.validate(config, num_sequence_shards=4)  # zigzag: 72 = 9 x (2 x 4)
+    with pytest.raises(ValueError, match=r"seq_len has length 72.*sequence=8.*multiples of 16"):
+        config_lib.validate(config, num_sequence_shards=8)
+    config.model.mixer_options.attention.layout = "contiguous"
+    config_lib.validate(config, num_sequence_shards=8)
+    config.data.eval_seq_lens = (100,)
+    with pytest.raises(ValueError, match="eval_seq_lens has length 100"):
+        config_lib.validate(config, num_sequence_shards=8)
+
+
 def test_unknown_mixer_option():
     config = cli.load_config_file(QUICKSTART)
     config.model.mixer_options.attention.windoww = 3

@@ -145,7 +145,8 @@ def _positive(config, *fields):
             raise ValueError(f"config.{dotted} must be a positive number; got {value!r}")
 
 
-def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1) -> None:
+def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
+             num_sequence_shards: int = 1) -> None:
     """Raises ValueError naming the first bad field and what is allowed."""
     m, d, t = config.model, config.data, config.train
     _positive(config, "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
@@ -183,6 +184,28 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1) -> 
         raise ValueError(f"config.eval.num_batches={config.eval.num_batches} must be positive, "
                          "or -1 for the whole split")
     _validate_recipes(config, num_data_shards)
+    _validate_sequence_shards(config, num_sequence_shards)
+
+
+def _validate_sequence_shards(config, shards: int) -> None:
+    """Every length the model runs at splits evenly over the `sequence` mesh axis (into
+    2 x shards chunks when an attention layer uses the zigzag layout)."""
+    if shards == 1:
+        return
+    m = config.model
+    zigzag = any(registry.mixer_options(name, m).get("layout") == "zigzag"
+                 for name in layer_mixers(m.mixer, m.num_layers))
+    multiple = 2 * shards if zigzag else shards
+    lengths = {"config.data.seq_len": [config.data.seq_len],
+               "config.data.eval_seq_lens": list(config.data.eval_seq_lens),
+               "config.train.stages": [s.seq_len for s in stages_lib.schedule(config)]}
+    for field, values in lengths.items():
+        bad = [n for n in values if n % multiple]
+        if bad:
+            raise ValueError(
+                f"{field} has length {bad[0]}, which does not split over "
+                f"config.parallel.sequence={shards} devices: lengths must be multiples of "
+                f"{multiple}" + (" (2 x sequence, for the zigzag layout)" if zigzag else ""))
 
 
 def _validate_recipes(config, num_data_shards: int) -> None:

@@ -63,7 +63,8 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.parallel.to_dict())
-    config_lib.validate(config, num_data_shards=mesh.shape["data"] * mesh.shape["fsdp"])
+    config_lib.validate(config, num_data_shards=mesh.shape["data"] * mesh.shape["fsdp"],
+                        num_sequence_shards=mesh.shape["sequence"])
     t = config.train
     stages = stages_lib.schedule(config)
 
