@@ -1,4 +1,18 @@
-"""Softmax-attention mixer: grouped-query attention with RoPE and a KV cache."""
+"""Softmax-attention mixer: grouped-query attention with RoPE and a KV cache.
+
+Three decode caches, chosen by `cache_mode` (`config.model.mixer_options.attention`):
+
+- `"full"`: every token's keys and values (`max_length` slots).
+- `"rolling"`: the `num_sinks` first tokens and the last `window` tokens, a constant
+  `num_sinks + window` slots; the same math as the full cache with that `window` and
+  `num_sinks` (sliding-window attention, Beltagy et al. 2020; with sinks the Lambda mask
+  of LM-Infinite, Han et al. 2023, without its distance limit).
+- `"streaming"`: the same slots, with positions re-assigned inside the cache as in
+  StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with Attention
+  Sinks"): the sinks sit just before the window, so no query ever sees a relative
+  position beyond `num_sinks + window - 1` and a stream of any length keeps a constant
+  cache and in-range positions. Until the cache first fills it equals the full cache.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +25,8 @@ from longjax.nn.registry import register_mixer
 from longjax.ops import positions as positions_lib
 from longjax.ops.attention import dot_product_attention
 from longjax.parallel.sequence_parallel import sequence_parallel_attention
+
+CACHE_MODES = ("full", "rolling", "streaming")
 
 
 class AttentionMixer(nn.Module):
@@ -36,15 +52,35 @@ class AttentionMixer(nn.Module):
     rope_fraction: float = 1.0
     sequence_parallel: str = "ring"
     layout: str = "zigzag"
+    cache_mode: str = "full"
+
+    def _bounded_cache(self):
+        """True for the `"rolling"` and `"streaming"` caches (checked)."""
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"config.model.mixer_options.attention.cache_mode must be one of "
+                             f"{CACHE_MODES}; got {self.cache_mode!r}")
+        if self.cache_mode != "full" and not (isinstance(self.window, int) and self.window > 0):
+            raise ValueError(f"config.model.mixer_options.attention.cache_mode="
+                             f"{self.cache_mode!r} needs a positive int window; "
+                             f"got window={self.window!r}")
+        return self.cache_mode != "full"
 
     def init_cache(self, batch_size, max_length, dtype=None):
+        """Full cache: `max_length` slots. Rolling / streaming: `num_sinks + window` slots
+        whatever `max_length` is, with `"positions": [B, S]` (-1 = empty) and the keys
+        stored before RoPE."""
         dtype = dtype or self.dtype
-        kv = jnp.zeros((batch_size, max_length, self.num_kv_heads, self.head_dim), dtype)
-        return {
+        bounded = self._bounded_cache()
+        length = self.num_sinks + self.window if bounded else max_length
+        kv = jnp.zeros((batch_size, length, self.num_kv_heads, self.head_dim), dtype)
+        cache = {
             "k": kv, "v": kv,
-            "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+            "segment_ids": jnp.zeros((batch_size, length), jnp.int32),
             "end": jnp.zeros((), jnp.int32),
         }
+        if bounded:
+            cache["positions"] = jnp.full((batch_size, length), -1, jnp.int32)
+        return cache
 
     @nn.compact
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
@@ -56,12 +92,15 @@ class AttentionMixer(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache["end"]
             positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        options = dict(softcap=self.softcap, impl=self.impl)
+        if cache is not None and self._bounded_cache():
+            out, cache = self._attend_bounded(q, k, v, segment_ids, positions, cache, options)
+            return self._out(x, out), cache
         if self.rope_fraction > 0:
             q = positions_lib.rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
             k = positions_lib.rope(k, positions, base=self.rope_base, fraction=self.rope_fraction)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        options = dict(window=self.window, num_sinks=self.num_sinks, softcap=self.softcap,
-                       impl=self.impl)
+        options.update(window=self.window, num_sinks=self.num_sinks)
         mesh = jax.sharding.get_abstract_mesh()
         if cache is None and mesh.shape.get("sequence", 1) > 1:
             out = sequence_parallel_attention(
@@ -71,10 +110,61 @@ class AttentionMixer(nn.Module):
             out = dot_product_attention(q, k, v, causal=True, segment_ids=segment_ids, **options)
         else:
             out, cache = self._attend_cached(q, k, v, segment_ids, cache, options)
+        return self._out(x, out), cache
+
+    def _out(self, x, out):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        y = dense(x.shape[-1], axes=("heads", "kv", "embed"), dtype=self.dtype, name="out",
-                  num_input_dims=2)(out)
-        return y, cache
+        return dense(x.shape[-1], axes=("heads", "kv", "embed"), dtype=self.dtype, name="out",
+                     num_input_dims=2)(out)
+
+    def _rope(self, x, positions):
+        if self.rope_fraction <= 0:
+            return x
+        return positions_lib.rope(x, positions, base=self.rope_base, fraction=self.rope_fraction)
+
+    def _attend_bounded(self, q, k, v, segment_ids, positions, cache, options):
+        """Attention through the rolling / streaming cache; q, k `[B, T, *, D]` before RoPE.
+
+        The cache holds `num_sinks` sink slots (the tokens at positions `< num_sinks`) and
+        a window of the last `window` tokens, in stream order. Attention is computed in two
+        parts merged by their logsumexp: the window part (non-sink keys with
+        `0 <= t - s < window`, RoPE at positions relative to the chunk, so any stream
+        length stays in range) and the sink part (keys `s < num_sinks`, `s <= t`), where the
+        query's RoPE position is `t` ("rolling") or `min(t, num_sinks + window - 1)`
+        ("streaming": the sinks come just before the window, as in StreamingLLM).
+        """
+        B, T = q.shape[:2]
+        S, W = self.num_sinks, self.window
+        seg = (jnp.ones((B, T), jnp.int32) if segment_ids is None
+               else segment_ids.astype(jnp.int32))
+        pos = positions.astype(jnp.int32)
+        dtype = cache["k"].dtype
+        # Window part: the cached window followed by the new tokens.
+        keys = jnp.concatenate([cache["k"][:, S:], k.astype(dtype)], axis=1)
+        values = jnp.concatenate([cache["v"][:, S:], v.astype(dtype)], axis=1)
+        kv_pos = jnp.concatenate([cache["positions"][:, S:], pos], axis=1)
+        kv_seg = jnp.concatenate([cache["segment_ids"][:, S:], seg], axis=1)
+        base = pos[:, :1] - W  # RoPE origin: relative positions stay below T + W
+        out, lse = dot_product_attention(
+            self._rope(q, pos - base), self._rope(keys.astype(q.dtype), kv_pos - base),
+            values.astype(q.dtype), causal=True, window=W, segment_ids=seg,
+            kv_segment_ids=jnp.where(kv_pos < S, 0, kv_seg), q_positions=pos,
+            kv_positions=kv_pos, return_lse=True, **options)
+        new = {"k": keys[:, T:], "v": values[:, T:], "positions": kv_pos[:, T:],
+               "segment_ids": kv_seg[:, T:]}
+        if S:
+            sink = _write_sinks(cache, k.astype(dtype), v.astype(dtype), pos, seg, S)
+            q_sink_pos = jnp.minimum(pos, S + W - 1) if self.cache_mode == "streaming" else pos
+            out_s, lse_s = dot_product_attention(
+                self._rope(q, q_sink_pos), self._rope(sink["k"].astype(q.dtype), sink["positions"]),
+                sink["v"].astype(q.dtype), causal=True, segment_ids=seg,
+                kv_segment_ids=sink["segment_ids"], q_positions=pos,
+                kv_positions=sink["positions"], return_lse=True, **options)
+            out = merge_attention(out, lse, out_s, lse_s)
+            new = {name: jnp.concatenate([sink[name], new[name]], axis=1) for name in new}
+        new["end"] = cache["end"] + T
+        return out, new
+
 
     def _attend_cached(self, q, k, v, segment_ids, cache, options):
         B, T = q.shape[:2]
@@ -100,11 +190,44 @@ class AttentionMixer(nn.Module):
         return out, cache
 
 
+def _write_sinks(cache, k, v, positions, segment_ids, num_sinks):
+    """The sink slots of `cache` with the new tokens at positions `< num_sinks` written to
+    slot `position` (padding, segment 0, is not written)."""
+    slots = jnp.arange(num_sinks)
+    hit = (positions[:, :, None] == slots) & (segment_ids[:, :, None] != 0)  # [B, T, S]
+    written = jnp.any(hit, axis=1)  # [B, S]
+    onehot = hit.astype(k.dtype)
+
+    def put(old, new):
+        scattered = jnp.einsum("bts,bt...->bs...", onehot, new).astype(old.dtype)
+        mask = written.reshape(written.shape + (1,) * (old.ndim - 2))
+        return jnp.where(mask, scattered, old)
+
+    seg_new = jnp.einsum("bts,bt->bs", hit.astype(jnp.int32), segment_ids)
+    return {"k": put(cache["k"][:, :num_sinks], k), "v": put(cache["v"][:, :num_sinks], v),
+            "positions": jnp.where(written, slots, cache["positions"][:, :num_sinks]),
+            "segment_ids": jnp.where(written, seg_new, cache["segment_ids"][:, :num_sinks])}
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets from each part's output
+    `[B, T, H, D]` and logsumexp `[B, H, T]` (a row that sees no key in either gives 0)."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+    def weight(part_lse):
+        w = jnp.where(jnp.isfinite(part_lse), jnp.exp(part_lse - safe), 0.0)
+        return jnp.swapaxes(w, 1, 2)[..., None]  # [B, T, H, 1]
+
+    out = out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
+    return out.astype(out_a.dtype)
+
+
 @register_mixer(
     "attention",
     defaults={"impl": "auto", "window": None, "num_sinks": 0, "softcap": None,
               "rope_base": 10000.0, "rope_fraction": 1.0, "sequence_parallel": "ring",
-              "layout": "zigzag"},
+              "layout": "zigzag", "cache_mode": "full"},
 )
 def build_attention(model, options, **module_kwargs):
     return AttentionMixer(
