@@ -61,7 +61,7 @@ class Checkpointer:
         path = self.workdir / "config.json"
         if not path.exists():
             return
-        saved = json.loads(path.read_text())["model"]
+        saved = _with_new_mixer_defaults(json.loads(path.read_text())["model"])
         current = json.loads(self.config.model.to_json())
         diffs = [f"{key}: checkpoint {saved.get(key)!r} vs config {current.get(key)!r}"
                  for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
@@ -80,6 +80,18 @@ class Checkpointer:
             shown = "; ".join(diffs[:5]) + more
             raise ValueError(f"the checkpoint in {self.workdir} (step {step}) does not match the "
                              f"model: {shown}. Use a new --workdir or the model it was made with.")
+
+
+def _with_new_mixer_defaults(model: dict) -> dict:
+    """The saved `config.model` with mixer options added since it was saved at their
+    defaults, so a workdir from an older longjax still resumes."""
+    from longjax.nn import registry
+
+    options = model.get("mixer_options") or {}
+    for name in registry.mixer_names():
+        if name in options:
+            options[name] = {**registry.mixer_defaults(name), **options[name]}
+    return model
 
 
 def _param_shapes(params) -> dict[str, tuple[int, ...]]:
