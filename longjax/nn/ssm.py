@@ -33,6 +33,13 @@ def _continued(state, cache_segment, seg):
     return jnp.where(keep.reshape((-1,) + (1,) * (state.ndim - 1)), state, 0)
 
 
+def _step_impl(impl, cache, T):
+    """The scan impl for this call: one decode step (T = 1 through a cache) runs the plain
+    recurrence, which is the same math and far cheaper than a chunked scan padded to a
+    chunk (Mamba on CPU: 0.26 ms against 9 ms per layer and token)."""
+    return "reference" if cache is not None and T == 1 and impl in ("auto", "xla") else impl
+
+
 def _log_uniform_dt(key, shape, dt_min, dt_max, floor=1e-4):
     dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max)))
     return jnp.maximum(dt, floor)
@@ -109,7 +116,7 @@ class MambaMixer(nn.Module):
         y, state = selective_scan(
             u, dt, -jnp.exp(A_log), Bm, Cm, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
             initial_state=initial, return_final_state=True, segment_ids=segment_ids,
-            impl=self.impl, chunk_size=self.chunk_size)
+            impl=_step_impl(self.impl, cache, T), chunk_size=self.chunk_size)
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)
         if cache is not None:
             cache = {"ssm": state, "conv": conv_cache, "segment": seg[:, -1]}
@@ -179,7 +186,7 @@ class Mamba2Mixer(nn.Module):
         y, state = ssd(u.reshape(B, T, H, P), dt, -jnp.exp(A_log), Bm.reshape(B, T, G, N),
                        Cm.reshape(B, T, G, N), chunk_size=self.chunk_size, D=D,
                        initial_state=initial, return_final_state=True,
-                       segment_ids=segment_ids, impl=self.impl)
+                       segment_ids=segment_ids, impl=_step_impl(self.impl, cache, T))
         y = y.reshape(B, T, E) * nn.silu(z)
         y = RMSNorm(self.norm_eps, self.dtype, name="norm")(y)
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)
@@ -269,7 +276,8 @@ class S4Mixer(nn.Module):
             if p is None:
                 Ab, Bb = s4_lib.discretize(Lambda, Bc, dt, self.discretization)
                 y, state = s4_lib.s4d_recurrence(x, Ab, Bb, C, initial_state=initial,
-                                                 segment_ids=segment_ids)
+                                                 segment_ids=segment_ids,
+                                                 impl=_step_impl("auto", cache, T))
             else:
                 Ab, Bb = s4_lib.s4_dense(Lambda, p, Bc, dt)
                 y, state = s4_lib.s4_recurrence(x, Ab, Bb, C, initial_state=initial,
