@@ -194,7 +194,10 @@ def generate(model, params, prompts, *, max_new_tokens, rng=None, temperature=0.
     when given, prefilled (`prefill`) and continued for up to `max_new_tokens` tokens
     (`decode`) with `sample_logits(temperature, top_k, top_p)` and `rng` (default key 0).
     Each row's result equals generating that prompt alone (greedy: the same tokens; the
-    sampled ones differ since rows draw different keys). Returns a `Generation`.
+    sampled ones differ since rows draw different keys). One exception: attention with
+    `num_sinks > 0` and the full cache takes the first cache slots as sinks, which are
+    padding for shorter rows; its `cache_mode="rolling"` (the same math) takes each row's
+    first tokens. Returns a `Generation`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
