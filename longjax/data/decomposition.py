@@ -200,4 +200,8 @@ def _split(total: int, shares: list[int]) -> list[int]:
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
         counts[i] += 1
+    if total >= len(counts):  # a bucket rounded to 0 gets one batch, from the largest count
+        for i in np.flatnonzero(counts == 0):
+            counts[np.argmax(counts)] -= 1
+            counts[i] += 1
     return [int(c) for c in counts]
