@@ -67,8 +67,8 @@ class AttentionMixer(nn.Module):
 
     def init_cache(self, batch_size, max_length, dtype=None):
         """Full cache: `max_length` slots. Rolling / streaming: `num_sinks + window` slots
-        whatever `max_length` is, with `"positions": [B, S]` (-1 = empty) and the keys
-        stored before RoPE."""
+        whatever `max_length` is (sinks first, then a ring of the last `window` tokens,
+        position p in ring slot `p % window`), with `"positions": [B, S]` (-1 = empty)."""
         dtype = dtype or self.dtype
         bounded = self._bounded_cache()
         length = self.num_sinks + self.window if bounded else max_length
@@ -117,6 +117,10 @@ class AttentionMixer(nn.Module):
         return dense(x.shape[-1], axes=("heads", "kv", "embed"), dtype=self.dtype, name="out",
                      num_input_dims=2)(out)
 
+    def _blockwise(self):
+        """True when attention runs the blockwise "xla" impl (its block size is ours)."""
+        return self.impl == "xla" or (self.impl == "auto" and jax.default_backend() == "cpu")
+
     def _rope(self, x, positions):
         if self.rope_fraction <= 0:
             return x
@@ -126,12 +130,14 @@ class AttentionMixer(nn.Module):
         """Attention through the rolling / streaming cache; q, k `[B, T, *, D]` before RoPE.
 
         The cache holds `num_sinks` sink slots (the tokens at positions `< num_sinks`) and
-        a window of the last `window` tokens, in stream order. Attention is computed in two
-        parts merged by their logsumexp: the window part (non-sink keys with
-        `0 <= t - s < window`, RoPE at positions relative to the chunk, so any stream
-        length stays in range) and the sink part (keys `s < num_sinks`, `s <= t`), where the
-        query's RoPE position is `t` ("rolling") or `min(t, num_sinks + window - 1)`
-        ("streaming": the sinks come just before the window, as in StreamingLLM).
+        a ring of the last `window` tokens (written in place), keys rotated at their own
+        positions once, when written. Attention is computed in two parts merged by their
+        logsumexp: the window part (non-sink keys with `0 <= t - s < window`, the query
+        at its position `t`; RoPE depends on `t - s` alone, so this is the same as
+        re-assigning positions inside the cache) and the sink part (keys `s < num_sinks`,
+        `s <= t`), where the query is rotated at `t` ("rolling") or at
+        `min(t, num_sinks + window - 1)` ("streaming": the sinks sit just before the
+        window, so no query-key distance exceeds the cache length, as in StreamingLLM).
         """
         B, T = q.shape[:2]
         S, W = self.num_sinks, self.window
@@ -139,29 +145,32 @@ class AttentionMixer(nn.Module):
                else segment_ids.astype(jnp.int32))
         pos = positions.astype(jnp.int32)
         dtype = cache["k"].dtype
-        # Window part: the cached window followed by the new tokens.
-        keys = jnp.concatenate([cache["k"][:, S:], k.astype(dtype)], axis=1)
-        values = jnp.concatenate([cache["v"][:, S:], v.astype(dtype)], axis=1)
-        kv_pos = jnp.concatenate([cache["positions"][:, S:], pos], axis=1)
-        kv_seg = jnp.concatenate([cache["segment_ids"][:, S:], seg], axis=1)
-        base = pos[:, :1] - W  # RoPE origin: relative positions stay below T + W
+        k = self._rope(k, pos)
+        new = _write_slots(cache, {"k": k.astype(dtype), "v": v.astype(dtype),
+                                   "positions": pos, "segment_ids": seg}, S, W)
+        # Window part: the ring of the last W tokens (sink slots are masked out: s < S).
+        if T == 1:  # the token overwrote the one W back, which is out of the window
+            keys, values, kv_pos, kv_seg = (new[n] for n in ("k", "v", "positions",
+                                                             "segment_ids"))
+        else:
+            keys = jnp.concatenate([cache["k"], k.astype(dtype)], axis=1)
+            values = jnp.concatenate([cache["v"], v.astype(dtype)], axis=1)
+            kv_pos = jnp.concatenate([cache["positions"], pos], axis=1)
+            kv_seg = jnp.concatenate([cache["segment_ids"], seg], axis=1)
         out, lse = dot_product_attention(
-            self._rope(q, pos - base), self._rope(keys.astype(q.dtype), kv_pos - base),
-            values.astype(q.dtype), causal=True, window=W, segment_ids=seg,
-            kv_segment_ids=jnp.where(kv_pos < S, 0, kv_seg), q_positions=pos,
-            kv_positions=kv_pos, return_lse=True, **options)
-        new = {"k": keys[:, T:], "v": values[:, T:], "positions": kv_pos[:, T:],
-               "segment_ids": kv_seg[:, T:]}
-        if S:
-            sink = _write_sinks(cache, k.astype(dtype), v.astype(dtype), pos, seg, S)
+            self._rope(q, pos), keys.astype(q.dtype), values.astype(q.dtype), causal=True,
+            window=W, segment_ids=seg, kv_segment_ids=jnp.where(kv_pos < S, 0, kv_seg),
+            q_positions=pos, kv_positions=kv_pos, return_lse=True,
+            block_k=keys.shape[1] if T == 1 and self._blockwise() else None,  # no padding
+            **options)
+        if S:  # sink part
             q_sink_pos = jnp.minimum(pos, S + W - 1) if self.cache_mode == "streaming" else pos
             out_s, lse_s = dot_product_attention(
-                self._rope(q, q_sink_pos), self._rope(sink["k"].astype(q.dtype), sink["positions"]),
-                sink["v"].astype(q.dtype), causal=True, segment_ids=seg,
-                kv_segment_ids=sink["segment_ids"], q_positions=pos,
-                kv_positions=sink["positions"], return_lse=True, **options)
+                self._rope(q, q_sink_pos), new["k"][:, :S].astype(q.dtype),
+                new["v"][:, :S].astype(q.dtype), causal=True, segment_ids=seg,
+                kv_segment_ids=new["segment_ids"][:, :S], q_positions=pos,
+                kv_positions=new["positions"][:, :S], return_lse=True, **options)
             out = merge_attention(out, lse, out_s, lse_s)
-            new = {name: jnp.concatenate([sink[name], new[name]], axis=1) for name in new}
         new["end"] = cache["end"] + T
         return out, new
 
@@ -190,23 +199,26 @@ class AttentionMixer(nn.Module):
         return out, cache
 
 
-def _write_sinks(cache, k, v, positions, segment_ids, num_sinks):
-    """The sink slots of `cache` with the new tokens at positions `< num_sinks` written to
-    slot `position` (padding, segment 0, is not written)."""
-    slots = jnp.arange(num_sinks)
-    hit = (positions[:, :, None] == slots) & (segment_ids[:, :, None] != 0)  # [B, T, S]
-    written = jnp.any(hit, axis=1)  # [B, S]
-    onehot = hit.astype(k.dtype)
-
-    def put(old, new):
-        scattered = jnp.einsum("bts,bt...->bs...", onehot, new).astype(old.dtype)
-        mask = written.reshape(written.shape + (1,) * (old.ndim - 2))
-        return jnp.where(mask, scattered, old)
-
-    seg_new = jnp.einsum("bts,bt->bs", hit.astype(jnp.int32), segment_ids)
-    return {"k": put(cache["k"][:, :num_sinks], k), "v": put(cache["v"][:, :num_sinks], v),
-            "positions": jnp.where(written, slots, cache["positions"][:, :num_sinks]),
-            "segment_ids": jnp.where(written, seg_new, cache["segment_ids"][:, :num_sinks])}
+def _write_slots(cache, new, num_sinks, window):
+    """The cache arrays `k, v, positions, segment_ids` with the new tokens written in place:
+    the last `min(T, window)` at ring slot `num_sinks + position % window`, those at
+    positions `< num_sinks` also at sink slot `position`; padding (segment 0) is not
+    written."""
+    T = new["k"].shape[1]
+    n = min(T, window)
+    rows = jnp.arange(new["k"].shape[0])[:, None]
+    real = new["segment_ids"] != 0
+    pos = new["positions"]
+    drop = num_sinks + window  # out of range: the write is dropped
+    ring = jnp.where(real, num_sinks + pos % window, drop)[:, T - n:]
+    sinks = jnp.where(real & (pos < num_sinks), pos, drop)
+    out = {}
+    for name, value in new.items():
+        array = cache[name].at[rows, ring].set(value[:, T - n:], mode="drop")
+        if num_sinks:
+            array = array.at[rows, sinks].set(value, mode="drop")
+        out[name] = array
+    return out
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
