@@ -5,9 +5,10 @@
 
 Two layers, 1000 steps of 32 sequences of 64 tokens holding 4 key-value pairs over 16
 symbols; evaluated on held-out sequences of 64, 128 and 256 tokens (`eval_len*`: accuracy
-on the answer positions; chance is 1/16). Measured on 2 CPU cores: softmax attention at
-width 64 reaches 100% / 99.9% / 99.0% in about 70 CPU-seconds; see
-`docs/results/mqar.md` for the other mixers and widths, with the exact commands.
+on the answer positions; chance is 1/16). Measured on one CPU core: softmax attention at
+width 64 reaches 100% / 100% / 98.7% in about 60 CPU-seconds, and at width 16 99.9% at 64
+tokens where linear attention gets 34%; see `docs/results/mqar.md` for the other mixers
+and widths, with the exact commands.
 Variants: `mixer=<name or pattern>`, `preset=<hybrid>`, `d_model=...` (`mlp_dim` follows
 as 2 x d_model unless given), `num_kv_pairs=...`, `num_symbols=...`, `steps=...`, or any
 dotted field.
