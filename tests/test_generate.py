@@ -232,3 +232,20 @@ def test_generate_script_streams_from_a_checkpoint(tmp_path, capsys):
         positions = np.asarray(out.cache[0]["positions"][0])
         np.testing.assert_array_equal(positions[:S], [0, 1])
         np.testing.assert_array_equal(np.sort(positions[S:]), np.arange(end - W, end))
+
+
+def test_bad_arguments_are_named():
+    config = ml_collections.ConfigDict(dict(
+        d_model=16, num_heads=2, num_kv_heads=1, head_dim=8, dtype="float32",
+        mixer_options={"attention": {"cache_mode": "ring"}}))
+    with pytest.raises(ValueError, match="attention.cache_mode must be one of"):
+        build_mixer("attention", config, parent=None).init_cache(1, 8)
+    config.mixer_options.attention.cache_mode = "streaming"
+    with pytest.raises(ValueError, match="needs a positive int window"):
+        build_mixer("attention", config, parent=None).init_cache(1, 8)
+    lm = _lm()
+    for kwargs, message in [({"max_new_tokens": 0}, "max_new_tokens"),
+                            ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"),
+                            ({"prefill_chunk": 0}, "prefill_chunk")]:
+        with pytest.raises(ValueError, match=message):
+            generate(lm, {}, PROMPTS, **{"max_new_tokens": 2, **kwargs})
