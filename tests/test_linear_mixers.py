@@ -63,7 +63,7 @@ def test_sliding_window_cache_is_bounded_by_the_window():
     params = jax.jit(mixer.init)(jax.random.PRNGKey(1), X)
     _, cache = jax.jit(mixer.apply)(params, X, cache=cache)
     assert cache["k"].shape == (2, 5, 1, 8)
-    np.testing.assert_array_equal(cache["positions"][0], jnp.arange(6, 11))
+    np.testing.assert_array_equal(np.sort(cache["positions"][0]), jnp.arange(6, 11))
 
 
 def test_short_conv_does_not_mix_documents():

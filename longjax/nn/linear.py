@@ -19,7 +19,6 @@ from longjax.nn.layers import RMSNorm, dense
 from longjax.nn.registry import register_mixer
 from longjax.ops import linear_attention as la
 from longjax.ops import positions as positions_lib
-from longjax.ops.attention import dot_product_attention
 from longjax.ops.rglru import rg_lru
 
 
@@ -248,34 +247,14 @@ def _rglru_a_init(key, shape):
 
 
 class SlidingWindowMixer(AttentionMixer):
-    """Causal attention over the last `window` tokens, with a rolling cache of that size.
+    """Causal attention over the last `window` tokens, with a rolling cache of that size:
+    the attention mixer with `cache_mode="rolling"` and no sinks.
 
     Cache: `{"k", "v": [B, W, K, D], "segment_ids": [B, W] (0 = empty), "positions":
-    [B, W] (stream index of each slot), "end": int32}`, slots in stream order.
+    [B, W] (-1 = empty), "end": int32}`, a ring: position p in slot `p % W`.
     """
 
-    def init_cache(self, batch_size, max_length, dtype=None):
-        cache = super().init_cache(batch_size, self.window, dtype)
-        cache["positions"] = jnp.full((batch_size, self.window), -1, jnp.int32)
-        return cache
-
-    def _attend_cached(self, q, k, v, segment_ids, cache, options):
-        B, T = q.shape[:2]
-        end = cache["end"]
-        if segment_ids is None:
-            segment_ids = jnp.ones((B, T), jnp.int32)
-        q_pos = jnp.broadcast_to(end + jnp.arange(T), (B, T))
-        keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
-        values = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
-        kv_seg = jnp.concatenate([cache["segment_ids"], segment_ids.astype(jnp.int32)], axis=1)
-        kv_pos = jnp.concatenate([cache["positions"], q_pos], axis=1)
-        out = dot_product_attention(
-            q, keys.astype(q.dtype), values.astype(q.dtype), causal=True,
-            segment_ids=segment_ids, kv_segment_ids=kv_seg, q_positions=q_pos,
-            kv_positions=kv_pos, **options)
-        cache = {"k": keys[:, T:], "v": values[:, T:], "segment_ids": kv_seg[:, T:],
-                 "positions": kv_pos[:, T:], "end": end + T}
-        return out, cache
+    cache_mode: str = "rolling"
 
 
 _LINEAR_DEFAULTS = {"impl": "auto", "chunk_size": 64, "conv_size": 0}
