@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from longjax.nn.layers import dense
 from longjax.nn.registry import register_mixer
 from longjax.ops import positions as positions_lib
-from longjax.ops.attention import dot_product_attention
+from longjax.ops.attention import dot_product_attention, merge_attention
 from longjax.parallel.sequence_parallel import sequence_parallel_attention
 
 CACHE_MODES = ("full", "rolling", "streaming")
@@ -96,9 +96,7 @@ class AttentionMixer(nn.Module):
         if cache is not None and self._bounded_cache():
             out, cache = self._attend_bounded(q, k, v, segment_ids, positions, cache, options)
             return self._out(x, out), cache
-        if self.rope_fraction > 0:
-            q = positions_lib.rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
-            k = positions_lib.rope(k, positions, base=self.rope_base, fraction=self.rope_fraction)
+        q, k = self._rope(q, positions), self._rope(k, positions)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         options.update(window=self.window, num_sinks=self.num_sinks)
         mesh = jax.sharding.get_abstract_mesh()
@@ -170,10 +168,9 @@ class AttentionMixer(nn.Module):
                 new["v"][:, :S].astype(q.dtype), causal=True, segment_ids=seg,
                 kv_segment_ids=new["segment_ids"][:, :S], q_positions=pos,
                 kv_positions=new["positions"][:, :S], return_lse=True, **options)
-            out = merge_attention(out, lse, out_s, lse_s)
+            out = merge_attention(out, lse, out_s, lse_s)[0].astype(out.dtype)
         new["end"] = cache["end"] + T
         return out, new
-
 
     def _attend_cached(self, q, k, v, segment_ids, cache, options):
         B, T = q.shape[:2]
@@ -219,20 +216,6 @@ def _write_slots(cache, new, num_sinks, window):
             array = array.at[rows, sinks].set(value, mode="drop")
         out[name] = array
     return out
-
-
-def merge_attention(out_a, lse_a, out_b, lse_b):
-    """Attention over the union of two disjoint key sets from each part's output
-    `[B, T, H, D]` and logsumexp `[B, H, T]` (a row that sees no key in either gives 0)."""
-    lse = jnp.logaddexp(lse_a, lse_b)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-
-    def weight(part_lse):
-        w = jnp.where(jnp.isfinite(part_lse), jnp.exp(part_lse - safe), 0.0)
-        return jnp.swapaxes(w, 1, 2)[..., None]  # [B, T, H, 1]
-
-    out = out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
-    return out.astype(out_a.dtype)
 
 
 @register_mixer(

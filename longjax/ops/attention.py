@@ -442,6 +442,19 @@ def attention_backward(
     return _xla_backward(_make_blocks(q, k, v, kw, block_q, block_k), out, lse, dout, dlse)[:3]
 
 
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets, from each part's normalised output
+    `[B, T, H, D]` and logsumexp `[B, H, T]`: `(output in fp32, logsumexp)`. A row that
+    sees no key in either part gives 0 (ring attention merges its steps with this)."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    ref = jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+    def weighted(out, part_lse):
+        return out.astype(jnp.float32) * jnp.moveaxis(jnp.exp(part_lse - ref), 1, 2)[..., None]
+
+    return weighted(out_a, lse_a) + weighted(out_b, lse_b), lse
+
+
 def _make_blocks(q, k, v, kw, block_q, block_k):
     kw = dict(kw)
     spec = MaskSpec(causal=kw.pop("causal"), window=kw.pop("window"),

@@ -20,7 +20,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from longjax.ops.attention import _check_args, attention_backward, attention_forward
+from longjax.ops.attention import (
+    _check_args,
+    attention_backward,
+    attention_forward,
+    merge_attention,
+)
 from longjax.parallel.layouts import bound_axis_size, check_layout, shard_positions
 
 TILE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -161,15 +166,6 @@ def _tile_backward(cfg, q, k, v, out, lse, dout, mask_kw):
     return tuple(g.astype(jnp.float32) for g in grads)
 
 
-def _merge(o, lse, o_new, lse_new):
-    """Combines two normalised partial attentions by their logsumexps (fp32)."""
-    total = jnp.logaddexp(lse, lse_new)
-    ref = jnp.where(jnp.isfinite(total), total, 0.0)
-    w_old = jnp.moveaxis(jnp.exp(lse - ref), 1, 2)[..., None]
-    w_new = jnp.moveaxis(jnp.exp(lse_new - ref), 1, 2)[..., None]
-    return o * w_old + o_new.astype(jnp.float32) * w_new, total
-
-
 def _varying_like(x, like):
     """`x` typed as varying over the same mesh axes as `like` (for `shard_map`'s checks)."""
     vma = tuple(sorted(jax.typeof(like).manual_axis_type.varying))
@@ -202,7 +198,7 @@ def _forward(cfg, q, k, v, q_seg):
                                        _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
                 o_t, lse_t = _tile_forward(cfg, _block(q, i, c, 1), _block(k_s, j, c, 1),
                                            _block(v_s, j, c, 1), mask_kw)
-                return _merge(*o_lse_i, o_t, lse_t)
+                return merge_attention(*o_lse_i, o_t, lse_t)
 
             o_i, lse_i = jax.lax.cond(visible, compute, lambda o_lse_i: o_lse_i,
                                       (_block(o, i, c, 1), _block(lse, i, c, 2)))

@@ -8,6 +8,8 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from longjax.nn import registry
+
 
 class Checkpointer:
     """Saves every `every_steps` (keeping `keep`) and restores the latest checkpoint.
@@ -85,8 +87,6 @@ class Checkpointer:
 def _with_new_mixer_defaults(model: dict) -> dict:
     """The saved `config.model` with mixer options added since it was saved at their
     defaults, so a workdir from an older longjax still resumes."""
-    from longjax.nn import registry
-
     options = model.get("mixer_options") or {}
     for name in registry.mixer_names():
         if name in options:
