@@ -26,6 +26,8 @@ import pathlib
 
 from absl import app, flags
 
+from longjax.train.metrics import read_metrics
+
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Run directories to compare, baseline first.")
 _TARGET = flags.DEFINE_string("target_bpb", "auto", "Target validation bits per byte, or "
                               "'auto': the worst last in-training validation bpb of the runs.")
@@ -42,8 +44,7 @@ DATA_STATS = {"truncated_documents": "docs cut", "truncated_short_documents": "s
 def load_run(workdir) -> dict:
     """Config, metric records and training-data statistics of one run directory."""
     workdir = pathlib.Path(workdir)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
+    records = read_metrics(workdir)
     stats = [json.loads(p.read_text()) for p in sorted(workdir.glob("train_data_stage*.json"))]
     return {"name": workdir.name, "config": json.loads((workdir / "config.json").read_text()),
             "records": records, "data_stats": stats}
