@@ -1,9 +1,12 @@
 """Synthetic tasks generated on the fly, deterministic in `(seed, step)`.
 
 `task_batch(name, *, seed, step, batch_size, seq_len, **options)` returns numpy arrays
-`[batch_size, seq_len]`: `tokens`, `targets` (the next token), `weights` (1.0 where the
-loss and the accuracy count), `segment_ids` (1 = real token, 0 = padding) and `positions`.
-Token ids are bytes, in [0, 256). `TASKS` maps each name to its option defaults.
+`[batch_size, seq_len]`: `tokens`, `targets` (the next token; PAD where the next token is
+padding or past the row), `weights` (1.0 where the loss and the accuracy count),
+`segment_ids` (1 = real token, 0 = padding) and `positions` (0, 1, ... in every row).
+Token ids are bytes, in [0, 256); padding tokens are 0. `TASKS` maps each name to its
+option defaults; `task_seq_len(name, max_length, **options)` is the smallest `seq_len`
+that fits the task's largest instance.
 
 - `mqar`, multi-query associative recall (Arora et al. 2023, "Zoology", Sec. 3): the
   sequence opens with `num_kv_pairs` key-value pairs `k_1 v_1 ... k_N v_N` (distinct keys
@@ -11,17 +14,80 @@ Token ids are bytes, in [0, 256). `TASKS` maps each name to its option defaults.
   appears once more, at a random two-token slot of the rest of the sequence followed by
   its value, and the model must predict that value from the key. Other tokens are 0.
   (Zoology draws the query gaps from a power law; here the slots are uniform.)
+
+Length-generalization tasks (Kazemnejad et al. 2023, "The Impact of Positional Encoding
+on Length Generalization in Transformers", Sec. 3 and App. C): one instance per row,
+left-aligned, written in ASCII as `<question>=<answer>` and followed by padding. Each
+row draws its size n uniformly from options `min_length`..`max_length`; digits are
+uniform, leading zeros included. The weights are 1.0 exactly on the tokens whose next
+token is an answer token (from the `=` to the answer's second-to-last token), so loss and
+accuracy count the answer only. Examples with n = 4:
+
+- `copy`: n digits, then the same digits: `3071=3071`.
+- `reverse`: n digits, then them reversed: `3071=1703`.
+- `addition`: two n-digit numbers, most significant digit first; the sum is written
+  reversed (least significant digit first, as is common for length generalization: each
+  answer digit then depends on digits already written) and zero-padded to n + 1 digits:
+  `3071+0958=92040` (3071 + 958 = 4029).
+- `parity`: n bits, then 1 if the count of ones is odd, else 0: `1101=1`.
+- `sorting`: n digits, then them sorted ascending: `3071=0137`.
+- `summation`: n digits, then their sum mod 10 ("summation mod 10"): `3071=1`.
+
+- `passkey`, passkey retrieval (Mohtashami & Jaggi 2023, "Landmark Attention", Sec. 4.2):
+  filler sentences ("The grass is green. The sky is blue. ...") fill the row; the needle
+  "The pass key is 71432. Remember it. 71432 is the pass key. " goes in at the filler's
+  sentence boundary nearest `depth` x the filler's length (`depth` in [0, 1]; -1 draws
+  it uniformly per row), and the row ends with "What is the pass key? The pass key is
+  71432", so the key's `num_digits` digits are its last tokens and the weights sit on the
+  tokens that predict them. Whole filler sentences are used; the bytes left over (fewer
+  than one sentence) are spaces before the question. Every token is real (segment 1).
+  The keys do not depend on `depth`: one seed asks the same keys at every depth.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import numbers
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
 from longjax.data.tokenizer import PAD
 
 _MAX_SYMBOLS = 127
+
+
+class _Task(NamedTuple):
+    """A task: option defaults; `seq_len(**options) -> (smallest seq_len, what needs it)`,
+    which raises ValueError on bad options; `generate(rng, batch_size, seq_len, **options)
+    -> (tokens, weights, segment_ids)`, each `[batch_size, seq_len]`."""
+
+    defaults: dict
+    seq_len: Callable[..., tuple[int, str]]
+    generate: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _ascii(text: str) -> np.ndarray:
+    """`[len(text)]` int32 byte ids of ASCII `text`."""
+    return np.frombuffer(text.encode("ascii"), np.uint8).astype(np.int32)
+
+
+# --- MQAR (Arora et al. 2023) ---------------------------------------------------------
+
+def _mqar_seq_len(num_kv_pairs, num_symbols):
+    if not _is_int(num_symbols) or not 1 <= num_symbols <= _MAX_SYMBOLS:
+        raise ValueError(f"mqar: task_options.num_symbols must be an int in "
+                         f"[1, {_MAX_SYMBOLS}]; got {num_symbols!r}")
+    if not _is_int(num_kv_pairs) or not 1 <= num_kv_pairs <= num_symbols:
+        raise ValueError(f"mqar: task_options.num_kv_pairs must be an int in "
+                         f"[1, num_symbols={num_symbols}]; got {num_kv_pairs!r}")
+    return 4 * num_kv_pairs, f"num_kv_pairs={num_kv_pairs}"
 
 
 def _mqar_row(rng, seq_len, num_kv_pairs, num_symbols):
@@ -39,41 +105,187 @@ def _mqar_row(rng, seq_len, num_kv_pairs, num_symbols):
 
 
 def _mqar(rng, batch_size, seq_len, num_kv_pairs, num_symbols):
-    if not isinstance(num_symbols, int) or not 1 <= num_symbols <= _MAX_SYMBOLS:
-        raise ValueError(f"mqar: task_options.num_symbols must be an int in "
-                         f"[1, {_MAX_SYMBOLS}]; got {num_symbols!r}")
-    if not isinstance(num_kv_pairs, int) or not 1 <= num_kv_pairs <= num_symbols:
-        raise ValueError(f"mqar: task_options.num_kv_pairs must be an int in "
-                         f"[1, num_symbols={num_symbols}]; got {num_kv_pairs!r}")
-    if seq_len < 4 * num_kv_pairs:
-        raise ValueError(f"mqar: seq_len={seq_len} is too short for num_kv_pairs="
-                         f"{num_kv_pairs}; it needs at least 4 * num_kv_pairs tokens")
     rows = [_mqar_row(rng, seq_len, num_kv_pairs, num_symbols) for _ in range(batch_size)]
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    tokens = np.stack([r[0] for r in rows])
+    return tokens, np.stack([r[1] for r in rows]), np.ones_like(tokens)
 
 
-_GENERATORS: dict[str, Callable] = {"mqar": _mqar}
-TASKS: dict[str, dict] = {"mqar": {"num_kv_pairs": 8, "num_symbols": _MAX_SYMBOLS}}
+# --- Length generalization (Kazemnejad et al. 2023) -----------------------------------
+# Each instance function maps (rng, n) to the (question, answer) strings of size n.
+
+def _digits(rng, n: int, base: int = 10) -> str:
+    """n uniform digits in [0, base) as a string."""
+    return "".join(map(str, rng.integers(0, base, n)))
+
+
+def _copy(rng, n):
+    x = _digits(rng, n)
+    return x, x
+
+
+def _reverse(rng, n):
+    x = _digits(rng, n)
+    return x, x[::-1]
+
+
+def _addition(rng, n):
+    a, b = _digits(rng, n), _digits(rng, n)
+    return f"{a}+{b}", str(int(a) + int(b)).zfill(n + 1)[::-1]
+
+
+def _parity(rng, n):
+    x = _digits(rng, n, base=2)
+    return x, str(x.count("1") % 2)
+
+
+def _sorting(rng, n):
+    x = _digits(rng, n)
+    return x, "".join(sorted(x))
+
+
+def _summation(rng, n):
+    x = _digits(rng, n)
+    return x, str(sum(map(int, x)) % 10)
+
+
+def _length_seq_len(instance, name, min_length, max_length):
+    """(tokens of `instance`'s size-`max_length` row, the option that sets it)."""
+    if not _is_int(min_length) or min_length < 1:
+        raise ValueError(f"{name}: task_options.min_length must be an int >= 1; "
+                         f"got {min_length!r}")
+    if not _is_int(max_length) or max_length < min_length:
+        raise ValueError(f"{name}: task_options.max_length must be an int >= min_length="
+                         f"{min_length}; got {max_length!r}")
+    question, answer = instance(np.random.default_rng(0), max_length)
+    return len(question) + 1 + len(answer), f"task_options.max_length={max_length}"
+
+
+def _length_task(instance, rng, batch_size, seq_len, min_length, max_length):
+    """Rows `<question>=<answer>` then padding; weights on the tokens before each answer
+    token."""
+    tokens = np.zeros((batch_size, seq_len), np.int32)
+    weights = np.zeros((batch_size, seq_len), np.float32)
+    segment_ids = np.zeros((batch_size, seq_len), np.int32)
+    for row in range(batch_size):
+        question, answer = instance(rng, int(rng.integers(min_length, max_length + 1)))
+        text = _ascii(f"{question}={answer}")
+        tokens[row, :len(text)] = text
+        segment_ids[row, :len(text)] = 1
+        weights[row, len(question):len(question) + len(answer)] = 1.0
+    return tokens, weights, segment_ids
+
+
+def _length_spec(instance) -> _Task:
+    name = instance.__name__[1:]
+    return _Task({"min_length": 1, "max_length": 20},
+                 functools.partial(_length_seq_len, instance, name),
+                 functools.partial(_length_task, instance))
+
+
+# --- Passkey retrieval (Mohtashami & Jaggi 2023) --------------------------------------
+
+_FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
+           "There and back again. ")
+
+
+def _needle(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def _question(key: str) -> str:
+    return f"What is the pass key? The pass key is {key}"
+
+
+def _passkey_seq_len(depth, num_digits):
+    if not (isinstance(depth, numbers.Real) and not isinstance(depth, bool)
+            and (0 <= depth <= 1 or depth == -1)):
+        raise ValueError(f"passkey: task_options.depth must be a number in [0, 1], or -1 "
+                         f"for a uniform depth per row; got {depth!r}")
+    if not _is_int(num_digits) or num_digits < 1:
+        raise ValueError(f"passkey: task_options.num_digits must be an int >= 1; "
+                         f"got {num_digits!r}")
+    key = "0" * num_digits
+    return (len(_needle(key)) + len(_question(key)),
+            f"the needle and question (num_digits={num_digits})")
+
+
+def _filler(size: int) -> tuple[str, np.ndarray]:
+    """The whole filler sentences that fit in `size` bytes, and the offsets of their
+    boundaries (0 and the end included)."""
+    ends = [0]
+    for sentence in itertools.cycle(_FILLER):
+        if ends[-1] + len(sentence) > size:
+            break
+        ends.append(ends[-1] + len(sentence))
+    text = "".join(itertools.islice(itertools.cycle(_FILLER), len(ends) - 1))
+    return text, np.array(ends)
+
+
+def _passkey(rng, batch_size, seq_len, depth, num_digits):
+    room = seq_len - _passkey_seq_len(depth, num_digits)[0]
+    filler, boundaries = _filler(room)
+    spaces = " " * (room - len(filler))
+    tokens = np.zeros((batch_size, seq_len), np.int32)
+    for row in range(batch_size):
+        key = _digits(rng, num_digits)
+        uniform = rng.random()  # drawn at every depth, so the keys do not depend on it
+        row_depth = uniform if depth == -1 else depth
+        cut = boundaries[np.abs(boundaries - row_depth * len(filler)).argmin()]
+        tokens[row] = _ascii(filler[:cut] + _needle(key) + filler[cut:] + spaces
+                             + _question(key))
+    weights = np.zeros((batch_size, seq_len), np.float32)
+    weights[:, seq_len - 1 - num_digits:seq_len - 1] = 1.0
+    return tokens, weights, np.ones_like(tokens)
+
+
+# A task's position here seeds its random stream: add new tasks at the end.
+_SPECS: dict[str, _Task] = {
+    "mqar": _Task({"num_kv_pairs": 8, "num_symbols": _MAX_SYMBOLS}, _mqar_seq_len, _mqar),
+    **{f.__name__[1:]: _length_spec(f)
+       for f in (_copy, _reverse, _addition, _parity, _sorting, _summation)},
+    "passkey": _Task({"depth": -1.0, "num_digits": 5}, _passkey_seq_len, _passkey),
+}
+TASKS: dict[str, dict] = {name: dict(spec.defaults) for name, spec in _SPECS.items()}
+
+
+def _options(name: str, options: dict) -> dict:
+    """`options` over the task's defaults; ValueError for an unknown task or option."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown task {name!r}; allowed: {sorted(_SPECS)}")
+    unknown = set(options) - set(_SPECS[name].defaults)
+    if unknown:
+        raise ValueError(f"{name}: unknown task_options {sorted(unknown)}; "
+                         f"allowed: {sorted(_SPECS[name].defaults)}")
+    return {**_SPECS[name].defaults, **options}
+
+
+def task_seq_len(name: str, max_length: int | None = None, **options) -> int:
+    """The smallest `seq_len` that fits task `name`'s largest instance: one of size
+    `max_length` (the length tasks' option; None: its default), the needle and question
+    of `passkey`, the `4 * num_kv_pairs` tokens of `mqar`. Raises ValueError on bad
+    options."""
+    if max_length is not None:
+        options = {**options, "max_length": max_length}
+    return _SPECS[name].seq_len(**_options(name, options))[0]
 
 
 def task_batch(name, *, seed, step, batch_size, seq_len, **options) -> dict[str, np.ndarray]:
     """One batch of task `name` (see the module doc); the same `(seed, step)` gives the
     same batch."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
-    unknown = set(options) - set(TASKS[name])
-    if unknown:
-        raise ValueError(f"{name}: unknown task_options {sorted(unknown)}; "
-                         f"allowed: {sorted(TASKS[name])}")
+    options = _options(name, options)
     if batch_size < 1 or seq_len < 2:
         raise ValueError(f"batch_size must be >= 1 and seq_len >= 2; got {batch_size}, "
                          f"{seq_len}")
-    rng = np.random.default_rng([seed, step, sorted(TASKS).index(name)])
-    tokens, weights = _GENERATORS[name](rng, batch_size, seq_len, **{**TASKS[name], **options})
-    targets = np.concatenate([tokens[:, 1:], np.full((batch_size, 1), PAD, np.int32)], 1)
+    needed, what = _SPECS[name].seq_len(**options)
+    if seq_len < needed:
+        raise ValueError(f"{name}: seq_len={seq_len} is too short for {what}; it needs "
+                         f"seq_len >= {needed} (see task_seq_len)")
+    rng = np.random.default_rng([seed, step, list(_SPECS).index(name)])
+    tokens, weights, segment_ids = _SPECS[name].generate(rng, batch_size, seq_len, **options)
+    targets = np.full_like(tokens, PAD)
+    targets[:, :-1] = np.where(segment_ids[:, 1:] > 0, tokens[:, 1:], PAD)
     return {
-        "tokens": tokens, "targets": targets.astype(np.int32), "weights": weights,
-        "segment_ids": np.ones((batch_size, seq_len), np.int32),
+        "tokens": tokens, "targets": targets, "weights": weights, "segment_ids": segment_ids,
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
                                      (batch_size, seq_len)).copy(),
     }

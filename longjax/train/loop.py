@@ -25,7 +25,8 @@ TASK_EVAL_BATCHES = 8
 
 
 def evaluate(eval_step, params, dataset, mesh, *, batch_size, num_batches) -> dict[str, float]:
-    """Loss, bits per byte and accuracy over `num_batches` batches (-1: the whole split)."""
+    """Loss, bits per byte, accuracy and sequence accuracy over `num_batches` batches
+    (-1: the whole split)."""
     if num_batches == -1:
         num_batches = (dataset.num_batches(batch_size) if hasattr(dataset, "num_batches")
                        else TASK_EVAL_BATCHES)
@@ -115,7 +116,8 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
                 tick = now
             if log:
                 record = dict(summarize({k: metrics[k] for k in ("loss_sum", "weight", "bytes",
-                                                                 "correct")}),
+                                                                 "correct", "rows",
+                                                                 "rows_correct")}),
                               grad_norm=metrics["grad_norm"],
                               learning_rate=metrics["learning_rate"],
                               tokens_per_sec=tokens_since / logged_seconds,

@@ -21,30 +21,38 @@ def loss_and_sums(params, batch, model):
     """Mean next-token cross-entropy over weighted targets, and the sums behind it.
 
     Sums: `loss_sum` (nats), `weight` (targets counted), `bytes` (targets that are bytes,
-    for bits per byte), `correct` (argmax hits).
+    for bits per byte), `correct` (argmax hits), `rows` (rows with a weighted target) and
+    `rows_correct` (those whose weighted targets are all argmax hits: exact match).
     """
     with nn.logical_axis_rules(LOGICAL_RULES):
         logits, _ = model.apply({"params": params}, batch["tokens"],
                                 segment_ids=batch["segment_ids"], positions=batch["positions"])
     targets, weights = batch["targets"], batch["weights"]
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    hits = jnp.argmax(logits, -1) == targets
+    scored = jnp.any(weights > 0, axis=-1)
+    exact = jnp.all(hits | (weights == 0), axis=-1)
     sums = {
         "loss_sum": jnp.sum(nll * weights),
         "weight": jnp.sum(weights),
         "bytes": jnp.sum(weights * (targets < 256)),
-        "correct": jnp.sum(weights * (jnp.argmax(logits, -1) == targets)),
+        "correct": jnp.sum(weights * hits),
+        "rows": jnp.sum(scored, dtype=jnp.float32),
+        "rows_correct": jnp.sum(scored & exact, dtype=jnp.float32),
     }
     return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
 
 
 def summarize(sums) -> dict[str, float]:
-    """Loss, bits per byte and accuracy from (accumulated) sums."""
+    """Loss, bits per byte, accuracy (of the weighted tokens) and sequence accuracy (of
+    the rows: exact match) from (accumulated) sums."""
     sums = {k: float(v) for k, v in sums.items()}
     weight = max(sums["weight"], 1.0)
     return {
         "loss": sums["loss_sum"] / weight,
         "bits_per_byte": sums["loss_sum"] / (math.log(2) * max(sums["bytes"], 1.0)),
         "accuracy": sums["correct"] / weight,
+        "sequence_accuracy": sums["rows_correct"] / max(sums["rows"], 1.0),
     }
 
 
