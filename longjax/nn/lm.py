@@ -8,6 +8,7 @@ import ml_collections
 
 from longjax.nn.layers import RMSNorm, SwiGLU, dense
 from longjax.nn.pattern import layer_mixers
+from longjax.nn.position_bias import AbsolutePositions
 from longjax.nn.registry import build_mixer
 
 
@@ -34,7 +35,8 @@ class DecoderLM(nn.Module):
 
     `model` is `config.model` (frozen): vocab_size, d_model, num_layers, num_heads,
     num_kv_heads, head_dim, mlp_dim, mixer (a name or pattern), mixer_options, dtype,
-    norm_eps, tie_embeddings, remat.
+    norm_eps, tie_embeddings, remat, and position_embedding ("none", "sinusoidal",
+    "learned" with max_position rows) added to the token embeddings.
     """
 
     model: ml_collections.FrozenConfigDict
@@ -60,7 +62,19 @@ class DecoderLM(nn.Module):
                 nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
             name="embed",
         )
-        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+        x = embed(tokens)
+        kind = cfg.get("position_embedding", "none")
+        if kind != "none":
+            if positions is None and cache is not None:
+                raise ValueError("decoding with absolute position embeddings needs positions")
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            if kind == "learned" and cache is None and tokens.shape[1] > cfg.max_position:
+                raise ValueError(f"{tokens.shape[1]} tokens exceed the learned position table "
+                                 f"(config.model.max_position={cfg.max_position})")
+            x = x + AbsolutePositions(kind, cfg.d_model, cfg.get("max_position", 0),
+                                      name="position_embedding")(positions).astype(dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
         new_cache = []
         for i, name in enumerate(self.layer_mixers()):
@@ -75,3 +89,4 @@ class DecoderLM(nn.Module):
         logits = nn.with_logical_constraint(logits.astype(jnp.float32),
                                             ("batch", "length", "vocab"))
         return logits, None if cache is None else tuple(new_cache)
+

@@ -9,6 +9,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from longjax.nn import registry
+from longjax.train.config import base_config
 
 
 class Checkpointer:
@@ -63,7 +64,7 @@ class Checkpointer:
         path = self.workdir / "config.json"
         if not path.exists():
             return
-        saved = _with_new_mixer_defaults(json.loads(path.read_text())["model"])
+        saved = _with_new_defaults(json.loads(path.read_text())["model"])
         current = json.loads(self.config.model.to_json())
         diffs = [f"{key}: checkpoint {saved.get(key)!r} vs config {current.get(key)!r}"
                  for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
@@ -84,9 +85,10 @@ class Checkpointer:
                              f"model: {shown}. Use a new --workdir or the model it was made with.")
 
 
-def _with_new_mixer_defaults(model: dict) -> dict:
-    """The saved `config.model` with mixer options added since it was saved at their
-    defaults, so a workdir from an older longjax still resumes."""
+def _with_new_defaults(model: dict) -> dict:
+    """The saved `config.model` with fields and mixer options added since it was saved at
+    their defaults, so a workdir from an older longjax still resumes."""
+    model = {**base_config().model.to_dict(), **model}
     options = model.get("mixer_options") or {}
     for name in registry.mixer_names():
         if name in options:

@@ -16,6 +16,7 @@ from longjax.data import decomposition, tokenizer
 from longjax.data.sources import SOURCES
 from longjax.nn import registry
 from longjax.nn.pattern import layer_mixers
+from longjax.nn.position_bias import ABSOLUTE_EMBEDDINGS
 from longjax.train import stages as stages_lib
 
 DTYPES = ("float32", "bfloat16")
@@ -35,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
         d_model=128, num_layers=2, num_heads=4, num_kv_heads=4,
         head_dim=config_dict.placeholder(int), mlp_dim=512,
         mixer="attention", dtype="float32", norm_eps=1e-6, tie_embeddings=True, remat=False,
+        # Absolute positions added to the embeddings: "none" | "sinusoidal" | "learned"
+        # (a table of max_position rows); relative schemes are attention options.
+        position_embedding="none", max_position=0,
     ))
     c.model.mixer_options = ml_collections.ConfigDict({
         name: {k: _option_value(v) for k, v in registry.mixer_defaults(name).items()}
@@ -162,6 +166,9 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
     if m.head_dim is None and m.d_model % m.num_heads:
         raise ValueError(f"config.model.d_model={m.d_model} is not divisible by "
                          f"config.model.num_heads={m.num_heads}; set config.model.head_dim")
+    if m.position_embedding not in ABSOLUTE_EMBEDDINGS:
+        raise ValueError(f"config.model.position_embedding={m.position_embedding!r}; allowed: "
+                         f"{list(ABSOLUTE_EMBEDDINGS)}")
     if m.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={m.dtype!r}; allowed: {list(DTYPES)}")
     for name in layer_mixers(m.mixer, m.num_layers):
@@ -185,6 +192,10 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
                          "or -1 for the whole split")
     _validate_recipes(config, num_data_shards)
     _validate_sequence_shards(config, num_sequence_shards)
+    longest = max([*d.eval_seq_lens, *(s.seq_len for s in stages_lib.schedule(config))])
+    if m.position_embedding == "learned" and m.max_position < longest:
+        raise ValueError(f"config.model.max_position={m.max_position} must cover the longest "
+                         f"length the model runs at ({longest}) with learned positions")
 
 
 def _validate_sequence_shards(config, shards: int) -> None:
