@@ -245,3 +245,26 @@ def test_absolute_position_embeddings_in_the_lm():
     with pytest.raises(ValueError, match="exceed the learned position table"):
         model = build_model(config)
         model.apply(_random_params(model, like=tokens), jnp.zeros((1, 40), jnp.int32))
+
+
+def test_extrapolation_config_family():
+    """configs/extrapolation/config.py: every scheme and task validates; bad variants are
+    named."""
+    from conftest import REPO
+    from longjax.train.cli import load_config_file
+    from longjax.train.config import validate
+
+    path = f"{REPO}/configs/extrapolation/config.py"
+    for scheme in ("rope", "alibi", "t5", "kerple", "fire", "xpos", "nope", "sinusoidal",
+                   "learned"):
+        config = load_config_file(f"{path}:scheme={scheme}")
+        validate(config)
+        assert config.model.mixer_options.attention.train_length == 256
+    config = load_config_file(f"{path}:scheme=t5,task=reverse,max_size=10,steps=70")
+    validate(config)
+    assert (config.data.task, config.data.seq_len, config.train.steps) == ("reverse", 21, 70)
+    assert config.model.mixer_options.attention.position == "t5"
+    with pytest.raises(ValueError, match="scheme='rotary'; allowed"):
+        load_config_file(f"{path}:scheme=rotary")
+    with pytest.raises(ValueError, match="task='lego'; allowed"):
+        load_config_file(f"{path}:task=lego")
