@@ -12,7 +12,9 @@ tokens/s, the cache size and the compiled step's peak memory
 the longest context: flat for recurrent mixers (constant-size state) and for bounded
 attention caches, growing for the full KV cache. All of it goes to `--results`.
 
-Models (`--d_model`, `--num_layers`, heads of 64): `attention` (full KV cache),
+Models (`--d_model`, `--num_layers`, heads of 64): `attention` (full KV cache, one query
+against it through the split-cache decode path), `attention_blockwise` (the same through
+the blockwise "xla" attention, a loop over key blocks),
 `streaming` (attention with a StreamingLLM sinks + window cache, `--window`), `mamba`,
 `gla`, `retention`, and the presets `samba` (Mamba + sliding-window attention, window
 2048) and `jamba` (one attention layer per eight; one cycle of 8 layers).
@@ -52,14 +54,16 @@ def model_config(name, d_model, num_layers, window):
     if name == "streaming":
         mixer = "attention"
         options = {"attention": {"window": window, "num_sinks": 4, "cache_mode": "streaming"}}
+    elif name == "attention_blockwise":
+        mixer, options = "attention", {"attention": {"impl": "xla"}}
     elif name in ("samba", "jamba"):
         overrides = preset(name)
         mixer, options = overrides["mixer"], overrides["mixer_options"]
         cycle = len(expand_pattern(mixer))
         num_layers = max(cycle, num_layers // cycle * cycle)
     elif name not in ("attention", "mamba", "gla", "retention"):
-        raise ValueError(f"--models: unknown model {name!r}; allowed: attention, streaming, "
-                         f"mamba, gla, retention, samba, jamba")
+        raise ValueError(f"--models: unknown model {name!r}; allowed: attention, "
+                         f"attention_blockwise, streaming, mamba, gla, retention, samba, jamba")
     heads = max(1, d_model // 64)
     return dict(vocab_size=264, d_model=d_model, num_layers=num_layers, num_heads=heads,
                 num_kv_heads=heads, head_dim=d_model // heads, mlp_dim=4 * d_model,

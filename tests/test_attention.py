@@ -89,11 +89,12 @@ def _reference_vjp(q, k, v, do, kw):
     return grads(q, k, v, do)
 
 
-def _compare(kind, B, T, S, H, K, D, dtype=jnp.float32, seed=0, diff_extra=()):
+def _compare(kind, B, T, S, H, K, D, dtype=jnp.float32, seed=0, diff_extra=(), impl="xla",
+             kw=None):
     q, k, v, do = _inputs(seed, B, T, S, H, K, D, dtype)
     dlse = jax.random.normal(jax.random.PRNGKey(seed + 1), (B, H, T))
-    kw = _mask_kwargs(kind, B, T, S, H, seed)
-    got = _loss_grads("xla", q, k, v, do, dlse, kw, diff_extra)
+    kw = _mask_kwargs(kind, B, T, S, H, seed) if kw is None else kw
+    got = _loss_grads(impl, q, k, v, do, dlse, kw, diff_extra)
     # The oracle sees the same (rounded) inputs and computes in fp32.
     up = [x.astype(jnp.float32) for x in (q, k, v, do)]
     want = _loss_grads("reference", *up, dlse, kw, diff_extra)
@@ -191,6 +192,27 @@ def test_xla_hypothesis(B, T, S, heads, D, causal, window, num_sinks, segments, 
     for name, a, b in zip(("dq", "dk", "dv"), grads, _reference_vjp(q, k, v, do, kw),
                           strict=True):
         _assert_close(a, b, 1e-4, name)
+
+
+@pytest.mark.parametrize("T, options, dtype", [
+    (1, dict(), jnp.float32),
+    (1, dict(window=100, num_sinks=4, softcap=3.0), jnp.float32),
+    (3, dict(alibi=True), jnp.float32),
+    (1, dict(), jnp.bfloat16),
+])
+def test_split_kv_decode_matches_reference(T, options, dtype):
+    """The decode path: T queries at the end of a cache of 301 slots (the last 30 empty,
+    one row's first 60 padding) in splits of 16 keys; output, lse and gradients."""
+    B, S, H = 2, 301, 4
+    options = dict(options)
+    kv_seg = np.ones((B, S), np.int32)
+    kv_seg[:, -30:], kv_seg[1, :60] = 0, 0
+    kw = dict(causal=True, q_positions=jnp.broadcast_to(S - 30 - T + jnp.arange(T), (B, T)),
+              kv_positions=jnp.broadcast_to(jnp.arange(S), (B, S)),
+              segment_ids=jnp.ones((B, T), jnp.int32), kv_segment_ids=jnp.asarray(kv_seg))
+    if options.pop("alibi", False):
+        kw["alibi_slopes"] = jnp.asarray(2.0 ** -np.arange(1, H + 1), jnp.float32)
+    _compare(None, B, T, S, H, 2, 16, dtype, impl="split_kv", kw={**kw, **options})
 
 
 def test_impls_agree_through_dispatcher():

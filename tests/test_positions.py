@@ -250,9 +250,10 @@ def test_absolute_position_embeddings_in_the_lm():
 def test_extrapolation_config_family():
     """configs/extrapolation/config.py: every scheme and task validates; bad variants are
     named."""
-    from conftest import REPO
     from longjax.train.cli import load_config_file
     from longjax.train.config import validate
+
+    from conftest import REPO
 
     path = f"{REPO}/configs/extrapolation/config.py"
     for scheme in ("rope", "alibi", "t5", "kerple", "fire", "xpos", "nope", "sinusoidal",

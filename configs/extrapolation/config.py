@@ -20,7 +20,7 @@ addition, parity, sorting, summation (default: the corpus), `max_size=` (the lar
 training instance, default 20), plus the short names and dotted fields of every config
 (`steps=`, `d_model=`, ...). Training-free methods (YaRN, LM-Infinite, Self-Extend, ...)
 are evaluation-time options of `scripts/evaluate_lengths.py --methods=...`.
-`scripts/extrapolation_sweep.py` runs the whole sweep of docs/results/length_extrapolation.md.
+docs/results/length_extrapolation.md gives the sweep and its results.
 """
 
 from longjax.data.tasks import task_seq_len
@@ -52,7 +52,7 @@ def get_config(arg=None):
     config = base_config()
     if task:
         config.model.update(d_model=128, num_layers=3, num_heads=4, num_kv_heads=4, mlp_dim=384)
-        config.data.update(source="task", task=task, batch_size=64,
+        config.data.update(source="task", task=task, batch_size=32,
                            seq_len=task_seq_len(task, max_size))
         config.data.task_options = {"min_length": 1, "max_length": max_size}
         config.train.update(steps=600, learning_rate=1e-3, warmup_steps=50, log_every=100,

@@ -307,7 +307,9 @@ class AttentionMixer(nn.Module):
 
     def _attend_cached(self, q, k, v, segment_ids, positions, cache, bias, options):
         """Attention through the full cache. Slots order the keys (the mask); the scheme
-        sees positions, slot + (the row's position - its slot), so left padding is free."""
+        sees positions, slot + (the row's position - its slot), so left padding is free.
+        One query with `impl="auto"` takes the split-cache decode path
+        (`ops.attention.split_kv_attention`)."""
         B, T = q.shape[:2]
         L, end = cache["k"].shape[1], cache["end"]
         if segment_ids is None:
@@ -329,6 +331,8 @@ class AttentionMixer(nn.Module):
             out = self._self_extend(q, keys, values, positions, kv_pos, segment_ids,
                                     cache["segment_ids"], q_slots, kv_slots, L, options)
             return out, cache
+        if T == 1 and options["impl"] == "auto":  # one query: the cache split, no loop
+            options = {**options, "impl": "split_kv"}
         out = dot_product_attention(
             self._query(q, positions, L), keys, values, causal=True,
             segment_ids=segment_ids, kv_segment_ids=cache["segment_ids"],

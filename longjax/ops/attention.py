@@ -21,9 +21,10 @@ import numpy as np
 
 from longjax.ops.masks import EMPTY, MaskSpec, segment_visible
 
-IMPLS = ("auto", "reference", "xla", "pallas", "pallas_interpret", "cudnn")
+IMPLS = ("auto", "reference", "split_kv", "xla", "pallas", "pallas_interpret", "cudnn")
 _FLOAT_DTYPES = {
     "reference": (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16),
+    "split_kv": (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16),
     "xla": (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16),
     "pallas": (jnp.float32, jnp.bfloat16, jnp.float16),
     "pallas_interpret": (jnp.float32, jnp.bfloat16, jnp.float16),
@@ -104,18 +105,10 @@ def alibi_bias(slopes, q_positions, kv_positions):
     return -slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "causal", "window", "num_sinks", "softcap", "scale", "return_lse"))
-def reference_attention(
-    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, window=None,
-    num_sinks=0, bias=None, alibi_slopes=None, softcap=None, scale=None, q_positions=None,
-    kv_positions=None, return_lse=False,
-):
-    """Materialised-scores attention with an fp32 softmax; the test oracle.
-
-    Returns `[B, T, H, D]` in q's dtype (and the logsumexp `[B, H, T]` in fp32 when
-    `return_lse`). A query row with no visible key gives zeros and lse = -inf.
-    """
+def _masked_scores(q, k, *, causal, segment_ids, kv_segment_ids, window, num_sinks, bias,
+                   alibi_slopes, softcap, scale, q_positions, kv_positions):
+    """Scores `[B, K, G, T, S]` in fp32 with soft-cap, bias and ALiBi, and the mask
+    `[B or 1, 1, 1, T, S]`; masked scores are -inf."""
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
@@ -133,12 +126,76 @@ def reference_attention(
         T, S, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
         window=window, num_sinks=num_sinks, q_positions=q_positions, kv_positions=kv_positions,
     )[:, :, None]
-    s = jnp.where(mask, s, -jnp.inf)
+    return jnp.where(mask, s, -jnp.inf), mask
+
+
+def _finite(lse):
+    return jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "causal", "window", "num_sinks", "softcap", "scale", "return_lse"))
+def reference_attention(
+    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, window=None,
+    num_sinks=0, bias=None, alibi_slopes=None, softcap=None, scale=None, q_positions=None,
+    kv_positions=None, return_lse=False,
+):
+    """Materialised-scores attention with an fp32 softmax; the test oracle.
+
+    Returns `[B, T, H, D]` in q's dtype (and the logsumexp `[B, H, T]` in fp32 when
+    `return_lse`). A query row with no visible key gives zeros and lse = -inf.
+    """
+    B, T, H, D = q.shape
+    s, mask = _masked_scores(
+        q, k, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        window=window, num_sinks=num_sinks, bias=bias, alibi_slopes=alibi_slopes,
+        softcap=softcap, scale=scale, q_positions=q_positions, kv_positions=kv_positions)
     lse = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    p = jnp.where(mask, jnp.exp(s - _finite(lse)[..., None]), 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     out = out.reshape(B, T, H, D).astype(q.dtype)
+    if return_lse:
+        return out, lse.reshape(B, H, T)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "causal", "window", "num_sinks", "softcap", "scale", "return_lse", "block_k"))
+def split_kv_attention(
+    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, window=None,
+    num_sinks=0, bias=None, alibi_slopes=None, softcap=None, scale=None, q_positions=None,
+    kv_positions=None, return_lse=False, block_k=None,
+):
+    """The decode path: a few queries q `[B, T, H, D]` against a long cache k, v
+    `[B, S, K, D]`, the cache cut into splits of `block_k` keys (default 512) whose
+    partial softmaxes are computed independently (in parallel, no loop over the cache)
+    and merged by their logsumexp, as in Flash-Decoding (Dao et al. 2023). Scores are
+    materialised, O(B H T S) memory: meant for T = 1 .. a few. Same math and outputs as
+    `reference_attention`."""
+    B, T, H, D = q.shape
+    S, K, G = k.shape[1], k.shape[2], H // k.shape[2]
+    split = min(S, block_k or 512)
+    n = -(-S // split)
+    s, _ = _masked_scores(
+        q, k, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        window=window, num_sinks=num_sinks, bias=bias, alibi_slopes=alibi_slopes,
+        softcap=softcap, scale=scale, q_positions=q_positions, kv_positions=kv_positions)
+    s = _pad_axis(s, 4, n * split, -jnp.inf).reshape(B, K, G, T, n, split)
+    vs = _pad_axis(v, 1, n * split).reshape(B, n, split, K, D)
+    # Per split: max m, sum l and unnormalised output o (m only shifts the exponent, so it
+    # carries no gradient); then the merge rescales each split by exp(m - max m).
+    m = jax.lax.stop_gradient(_finite(s.max(axis=-1)))  # [B, K, G, T, n]
+    p = jnp.exp(s - m[..., None])
+    l = p.sum(axis=-1)
+    o = jnp.einsum("bkgtns,bnskd->bkgtnd", p.astype(v.dtype), vs,
+                   preferred_element_type=jnp.float32)
+    w = jnp.exp(m - m.max(axis=-1, keepdims=True))
+    total = (w * l).sum(axis=-1)
+    seen = total > 0
+    out = jnp.einsum("bkgtn,bkgtnd->bkgtd", w, o) / jnp.where(seen, total, 1.0)[..., None]
+    out = jnp.moveaxis(out, 3, 1).reshape(B, T, H, D).astype(q.dtype)
+    lse = jnp.where(seen, m.max(axis=-1) + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
     if return_lse:
         return out, lse.reshape(B, H, T)
     return out
@@ -568,10 +625,13 @@ def dot_product_attention(
             implementation="cudnn")
     ints = dict(segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 q_positions=q_positions, kv_positions=kv_positions)
+    common = dict(bias=bias, alibi_slopes=alibi_slopes, causal=causal, window=window,
+                  num_sinks=num_sinks, softcap=softcap, scale=scale, return_lse=return_lse,
+                  **ints)
     if impl == "reference":
-        return reference_attention(q, k, v, bias=bias, alibi_slopes=alibi_slopes, causal=causal,
-                                   window=window, num_sinks=num_sinks, softcap=softcap,
-                                   scale=scale, return_lse=return_lse, **ints)
+        return reference_attention(q, k, v, **common)
+    if impl == "split_kv":
+        return split_kv_attention(q, k, v, block_k=block_k, **common)
     options = tuple(dict(causal=causal, window=window, num_sinks=num_sinks, softcap=softcap,
                          scale=scale, block_q=block_q, block_k=block_k).items())
     out, lse = _differentiable(q, k, v, bias, alibi_slopes, ints, options, impl)
