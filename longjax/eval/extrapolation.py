@@ -1,0 +1,394 @@
+"""Length extrapolation: how a trained checkpoint does at and beyond its training length.
+
+    results = evaluate_workdir("workdirs/quickstart", lengths=(256, 1024, 4096),
+                               methods=("none", "yarn:auto"))
+    results.table("nonoverlapping", "bits_per_byte")   # {method: {length: value}}
+
+For each method (`longjax.eval.methods`, applied per evaluation length) and length n:
+
+- Text checkpoints (a text `config.data.source`): bits per byte and perplexity on the
+  validation split, read as the training pipeline reads it. The scored text is the same
+  at every length: passages of M + 1 tokens (M = the longest length) cut from the
+  documents that hold one, the first passage of each document first, until they hold
+  `num_tokens` targets. Each passage is scored by windows of n tokens that restart
+  positions at 0 (one document, no padding), two ways: `"nonoverlapping"` windows, and
+  sliding windows (`"sliding:<stride>"`, or `"sliding:n/2"` with half of each length as
+  the stride) whose ends advance by the stride, each scoring the targets after the
+  previous window's end (its last `stride`; the first scores all n): the sliding-window
+  evaluation of Press et al. (Shortformer 2021, ALiBi 2022) and the Hugging Face
+  perplexity guide. When n does not divide M, the last window ends at the passage's end
+  and scores the targets left, in both ways.
+- The loss per position (`loss_curves`): the non-overlapping windows' loss at each
+  position (the target at position p sees p + 1 tokens), averaged over windows and
+  pooled into log- or linear-spaced bins: where a model breaks beyond its training length.
+- Passkey retrieval (Mohtashami & Jaggi 2023, `longjax.data.tasks` "passkey") at each
+  needle depth: a row counts when every digit of the key is the argmax under teacher
+  forcing.
+- Synthetic-task checkpoints (`config.data.source == "task"`): token accuracy and exact
+  match (every answer token of a row right) per test size n (the task's `min_length` =
+  `max_length` = n, at the smallest sequence length that fits it).
+
+The model runs forward only, jitted, a few windows at a time (`batch_size`); attention
+takes the blockwise O(T)-memory path on CPU, so 16x the training length fits a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from longjax.data import tasks
+from longjax.data.pipeline import load_token_docs
+from longjax.eval.methods import apply_method
+from longjax.generate import load_model
+from longjax.nn import DecoderLM
+from longjax.train import stages as stages_lib
+
+NONOVERLAPPING = "nonoverlapping"
+PASSKEY = "passkey"
+EVAL_SEED_OFFSET = 1_000_003  # evaluation seeds, as in longjax.data.pipeline.make_dataset
+_ROW_KEYS = ("tokens", "segment_ids", "positions", "targets")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A training workdir's config (as its last stage trained it), parameters and step."""
+
+    config: ml_collections.ConfigDict
+    params: dict
+    step: int
+
+    @property
+    def train_length(self) -> int:
+        """The context length the model was trained at last."""
+        return int(self.config.data.seq_len)
+
+
+@dataclasses.dataclass
+class Results:
+    """What `evaluate` measured.
+
+    rows: `{"method", "mode", "length", "metric", "value"}` records (results.csv); `mode`
+    is "nonoverlapping", "sliding:<stride>", "sliding:n/2", "passkey" (mean over depths),
+    "passkey@<depth>" or "task:<name>" (its `length` is the test size).
+    loss_curves: `{"method", "length", "start", "stop", "count", "loss"}`, the mean loss
+    (nats) of the `count` targets at positions start .. stop - 1 of the non-overlapping
+    windows.
+    """
+
+    workdir: str
+    step: int
+    train_length: int
+    scored_tokens: int = 0  # text targets scored per length and mode
+    task_seq_lens: dict[int, int] = dataclasses.field(default_factory=dict)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    loss_curves: list[dict] = dataclasses.field(default_factory=list)
+
+    def add(self, method: str, mode: str, length: int, metrics: dict[str, float]) -> None:
+        self.rows.extend({"method": method, "mode": mode, "length": length, "metric": k,
+                          "value": float(v)} for k, v in metrics.items())
+
+    def table(self, mode: str, metric: str) -> dict[str, dict[int, float]]:
+        """`{method: {length: value}}` of one mode and metric."""
+        out: dict[str, dict[int, float]] = {}
+        for r in self.rows:
+            if r["mode"] == mode and r["metric"] == metric:
+                out.setdefault(r["method"], {})[r["length"]] = r["value"]
+        return out
+
+
+def load_checkpoint(workdir) -> Checkpoint:
+    """The latest checkpoint of a training workdir (see `longjax.generate.load_model`)."""
+    _, params, step = load_model(workdir)
+    config = ml_collections.ConfigDict(
+        json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    config = stages_lib.stage_config(config, stages_lib.schedule(config)[-1])
+    return Checkpoint(config, params, step)
+
+
+# --- Text: passages, windows, scores -------------------------------------------------
+
+def text_passages(token_docs, *, length: int, num_tokens: int) -> np.ndarray:
+    """`[P, length + 1]` token passages holding `P = ceil(num_tokens / length)` x `length`
+    targets: consecutive passages of each document long enough (sharing one token), the
+    first of every document, then the second, ...; ValueError if there are too few."""
+    count = -(-num_tokens // length)
+    spans = sorted((k, d, start) for d, doc in enumerate(token_docs)
+                   for k, start in enumerate(range(0, len(doc) - length, length)))
+    if len(spans) < count:
+        raise ValueError(
+            f"the validation documents hold {len(spans)} passages of {length + 1} tokens "
+            f"(documents of at least the longest evaluation length + 1 tokens), and "
+            f"num_tokens={num_tokens} needs {count}; lower num_tokens or the longest length")
+    return np.stack([token_docs[d][s:s + length + 1] for _, d, s in spans[:count]])
+
+
+def window_spans(total: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """`(start, first)` of the windows of `length` over `total` targets: window ends
+    advance by `stride` (the last ends at `total`), and a window scores its targets from
+    index `first` (the previous end) on. `stride == length`: non-overlapping windows."""
+    if not 1 <= stride <= length <= total:
+        raise ValueError(f"windows need 1 <= stride <= length <= total targets; got "
+                         f"stride={stride}, length={length}, total={total}")
+    spans, end = [], 0
+    while end < total:
+        new_end = min(total, length if not spans else end + stride)
+        spans.append((new_end - length, end))
+        end = new_end
+    return spans
+
+
+def text_windows(passages: np.ndarray, length: int, stride: int) -> dict[str, np.ndarray]:
+    """The windows of every passage, each `[N, length]`: `tokens`, `targets`, `weights`
+    (1.0 on the targets it scores), `segment_ids` (1) and `positions` (0 .. length - 1)."""
+    total = passages.shape[1] - 1
+    spans = window_spans(total, length, stride)
+    starts = np.array([s for s, _ in spans])
+    index = starts[:, None] + np.arange(length)  # [W, length]
+    tokens = passages[:, index].reshape(-1, length)
+    targets = passages[:, index + 1].reshape(-1, length)
+    scored = index >= np.array([first for _, first in spans])[:, None]
+    weights = np.broadcast_to(scored, (len(passages), *scored.shape)).reshape(-1, length)
+    return {"tokens": tokens, "targets": targets, "weights": weights.astype(np.float32),
+            "segment_ids": np.ones_like(tokens),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)}
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _token_scores(model, params, tokens, segment_ids, positions, targets):
+    """Per-token nll (fp32) and argmax hits `[B, T]` of one forward pass."""
+    logits, _ = model.apply(params, tokens, segment_ids=segment_ids, positions=positions)
+    log_probs = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return nll, jnp.argmax(logits, axis=-1) == targets
+
+
+def score_rows(model, params, rows: dict[str, np.ndarray], *,
+               batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(nll, hits)`, each `[N, T]`, of the `N` rows (`tokens`, `segment_ids`,
+    `positions`, `targets`), `batch_size` rows per call (the last call repeats the last
+    row, so every call has one shape)."""
+    n = len(rows["tokens"])
+    size = min(batch_size, n)
+    nll, hits = [], []
+    for i in range(0, n, size):
+        index = np.minimum(np.arange(i, i + size), n - 1)
+        out = _token_scores(model, params, *(jnp.asarray(rows[k][index]) for k in _ROW_KEYS))
+        nll.append(np.asarray(out[0])[:n - i])
+        hits.append(np.asarray(out[1])[:n - i])
+    return np.concatenate(nll), np.concatenate(hits)
+
+
+def text_metrics(nll, targets, weights) -> dict[str, float]:
+    """Bits per byte (the nats over the byte targets, / ln 2) and perplexity (exp of the
+    mean nats per token) of the weighted targets."""
+    loss_sum = float(np.sum(nll * weights, dtype=np.float64))
+    count = max(float(np.sum(weights)), 1.0)
+    num_bytes = max(float(np.sum(weights * (targets < 256))), 1.0)
+    return {"bits_per_byte": loss_sum / (math.log(2) * num_bytes),
+            "perplexity": math.exp(loss_sum / count)}
+
+
+def position_bins(length: int, num_bins: int, spacing: str) -> np.ndarray:
+    """Bin edges over positions 0 .. length: about `num_bins` bins, their sizes growing
+    geometrically in p + 1 (`spacing="log"`) or equal ("linear"); no bin is empty."""
+    if spacing == "log":
+        edges = np.geomspace(1, length + 1, num_bins + 1) - 1
+    elif spacing == "linear":
+        edges = np.linspace(0, length, num_bins + 1)
+    else:
+        raise ValueError(f"bin spacing must be 'log' or 'linear'; got {spacing!r}")
+    return np.unique(np.round(edges).astype(int))
+
+
+def loss_per_position(nll, weights, *, num_bins: int = 32,
+                      spacing: str = "log") -> list[tuple[int, int, int, float]]:
+    """`(start, stop, count, mean loss)` per bin of positions of `[N, T]` scores: the
+    weighted mean over the `count` scored targets of every window at positions
+    start .. stop - 1 (bins without one are left out)."""
+    edges = position_bins(nll.shape[1], num_bins, spacing)
+    sums = np.sum(nll * weights, axis=0, dtype=np.float64)
+    counts = np.sum(weights, axis=0, dtype=np.float64)
+    return [(int(a), int(b), int(counts[a:b].sum()), float(sums[a:b].sum() / counts[a:b].sum()))
+            for a, b in zip(edges[:-1], edges[1:], strict=True) if counts[a:b].sum() > 0]
+
+
+# --- Synthetic tasks -------------------------------------------------------------------
+
+def accuracy(hits, weights) -> dict[str, float]:
+    """Token accuracy of the weighted targets and exact match (the share of the rows with
+    a weighted target whose weighted targets are all hits) of `[N, T]` argmax hits."""
+    weights = weights > 0
+    scored = weights.any(axis=1)
+    exact = np.all(hits | ~weights, axis=1) & scored
+    return {"token_accuracy": float((hits & weights).sum() / max(weights.sum(), 1)),
+            "exact_match": float(exact.sum() / max(scored.sum(), 1))}
+
+
+def passkey_rows(length: int, depth: float, *, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """`samples` passkey rows of `length` tokens with the needle at `depth` (the same keys
+    at every depth)."""
+    return tasks.task_batch(PASSKEY, seed=seed, step=0, batch_size=samples, seq_len=length,
+                            depth=float(depth))
+
+
+def passkey_accuracy(model, params, length: int, depths, *, samples: int, seed: int,
+                     batch_size: int) -> list[float]:
+    """Passkey exact match at each needle depth (`samples` rows each, scored together)."""
+    rows = [passkey_rows(length, depth, samples=samples, seed=seed) for depth in depths]
+    merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    _, hits = score_rows(model, params, merged, batch_size=batch_size)
+    return [accuracy(hits[i * samples:(i + 1) * samples], r["weights"])["exact_match"]
+            for i, r in enumerate(rows)]
+
+
+def size_task_rows(config, size: int, *, samples: int) -> dict[str, np.ndarray]:
+    """`samples` rows of the checkpoint's task at size `size` (min_length = max_length =
+    size), at the smallest sequence length that fits them."""
+    d = config.data
+    options = {**d.task_options.to_dict(), "min_length": size, "max_length": size}
+    seq_len = tasks.task_seq_len(d.task, **options)
+    return tasks.task_batch(d.task, seed=config.seed + EVAL_SEED_OFFSET, step=0,
+                            batch_size=samples, seq_len=seq_len, **options)
+
+
+# --- The harness -----------------------------------------------------------------------
+
+def default_lengths(train_length: int) -> tuple[int, ...]:
+    """1x, 2x, 4x, 8x and 16x the training length."""
+    return tuple(train_length * 2 ** k for k in range(5))
+
+
+def _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size):
+    if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
+        raise ValueError(f"evaluation lengths must be ints >= 1; got {list(lengths)}")
+    if not methods:
+        raise ValueError("methods is empty; give at least one, e.g. 'none'")
+    if num_tokens < 1 or batch_size < 1:
+        raise ValueError(f"num_tokens and batch_size must be >= 1; got {num_tokens}, "
+                         f"{batch_size}")
+    if stride is not None and not 0 <= stride <= min(lengths):
+        raise ValueError(f"stride={stride} must be in [0, the shortest length {min(lengths)}] "
+                         f"(0: no sliding-window evaluation; None: half of each length); a "
+                         f"window scores its last stride tokens")
+    if any(not 0 <= d <= 1 for d in passkey_depths):
+        raise ValueError(f"passkey depths must be in [0, 1]; got {list(passkey_depths)}")
+
+
+def _models(checkpoint: Checkpoint, methods, lengths) -> dict[tuple[str, int], DecoderLM]:
+    """The model of each method at each length (all checked before anything runs)."""
+    return {(m, n): DecoderLM(apply_method(checkpoint.config.model, m,
+                                           train_length=checkpoint.train_length,
+                                           eval_length=n))
+            for m in methods for n in lengths}
+
+
+def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tokens=32768,
+             stride=None, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_samples=5,
+             task_sizes=None, task_samples=64, batch_size=4, num_bins=32, bin_spacing="log",
+             workdir="") -> Results:
+    """Evaluates `checkpoint` under each method at each length (see the module doc).
+
+    Text checkpoints: `lengths` (default 1x .. 16x the training length), `num_tokens`
+    targets per length and mode, sliding windows of `stride` (None: half of each length;
+    0: none), `passkey_samples` rows per length and depth (0: no passkey), loss
+    curves of `num_bins` bins (`bin_spacing` "log" or "linear"). Task checkpoints:
+    `task_sizes` (required) and `task_samples` rows per size. `batch_size`: rows per
+    forward call.
+    """
+    results = Results(workdir=str(workdir), step=checkpoint.step,
+                      train_length=checkpoint.train_length)
+    if checkpoint.config.data.source == "task":
+        _evaluate_task(checkpoint, results, methods=methods, sizes=task_sizes,
+                       samples=task_samples, batch_size=batch_size)
+        return results
+    lengths = tuple(lengths or default_lengths(checkpoint.train_length))
+    _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size)
+    models = _models(checkpoint, methods, lengths)
+    docs = load_token_docs(checkpoint.config.data, "validation", seed=checkpoint.config.seed)
+    passages = text_passages(docs, length=max(lengths), num_tokens=num_tokens)
+    results.scored_tokens = passages.size - len(passages)
+    passkey_min = tasks.task_seq_len(PASSKEY)
+    if passkey_samples and min(lengths) < passkey_min:
+        logging.warning("No passkey below length %d (the needle and question)", passkey_min)
+    for method in methods:
+        for n in lengths:
+            tick = time.perf_counter()
+            model = models[method, n]
+            _score_text(results, method, n, model, checkpoint.params, passages, stride=stride,
+                        num_bins=num_bins, bin_spacing=bin_spacing, batch_size=batch_size)
+            if passkey_samples and n >= passkey_min:
+                accuracies = passkey_accuracy(
+                    model, checkpoint.params, n, passkey_depths, samples=passkey_samples,
+                    seed=checkpoint.config.seed + EVAL_SEED_OFFSET, batch_size=batch_size)
+                for depth, value in zip(passkey_depths, accuracies, strict=True):
+                    results.add(method, f"{PASSKEY}@{depth:g}", n, {"accuracy": value})
+                results.add(method, PASSKEY, n, {"accuracy": np.mean(accuracies)})
+            logging.info("%s at length %d: %s (%.1f s)", method, n, _summary(results, method, n),
+                         time.perf_counter() - tick)
+    return results
+
+
+def _score_text(results, method, n, model, params, passages, *, stride, num_bins, bin_spacing,
+                batch_size) -> None:
+    """Adds the bits per byte and perplexity of the passages at length `n` (non-overlapping
+    and, unless `stride == 0`, sliding windows) and the loss curve to `results`."""
+    windows = text_windows(passages, n, n)
+    nll, _ = score_rows(model, params, windows, batch_size=batch_size)
+    results.add(method, NONOVERLAPPING, n,
+                text_metrics(nll, windows["targets"], windows["weights"]))
+    results.loss_curves.extend(
+        {"method": method, "length": n, "start": a, "stop": b, "count": c, "loss": loss}
+        for a, b, c, loss in loss_per_position(nll, windows["weights"], num_bins=num_bins,
+                                            spacing=bin_spacing))
+    if stride == 0:
+        return
+    step, total = stride or max(1, n // 2), passages.shape[1] - 1
+    if window_spans(total, n, step) != window_spans(total, n, n):  # else the same windows
+        windows = text_windows(passages, n, step)
+        nll, _ = score_rows(model, params, windows, batch_size=batch_size)
+    results.add(method, f"sliding:{stride or 'n/2'}", n,
+                text_metrics(nll, windows["targets"], windows["weights"]))
+
+
+def _evaluate_task(checkpoint, results, *, methods, sizes, samples, batch_size) -> None:
+    """Adds each method's accuracy per test size of the checkpoint's task to `results`."""
+    task = checkpoint.config.data.task
+    if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
+        raise ValueError(f"the checkpoint was trained on task {task!r}; give its test sizes "
+                         f"(task_sizes, --task_sizes) as ints >= 1; got {sizes!r}")
+    if "max_length" not in tasks.TASKS.get(task, {}):
+        raise ValueError(f"test sizes set min_length = max_length of a length task; task "
+                         f"{task!r} has options {sorted(tasks.TASKS.get(task, {}))}")
+    _check_args(sizes, methods, 1, None, (), batch_size)
+    rows = {n: size_task_rows(checkpoint.config, n, samples=samples) for n in sizes}
+    results.task_seq_lens = {n: r["tokens"].shape[1] for n, r in rows.items()}
+    models = _models(checkpoint, methods, set(results.task_seq_lens.values()))
+    for method in methods:
+        for n in sizes:
+            model = models[method, results.task_seq_lens[n]]
+            _, hits = score_rows(model, checkpoint.params, rows[n], batch_size=batch_size)
+            results.add(method, f"task:{task}", n, accuracy(hits, rows[n]["weights"]))
+            logging.info("%s at size %d: %s", method, n, _summary(results, method, n))
+
+
+def _summary(results: Results, method: str, length: int) -> str:
+    return ", ".join(f"{r['mode']} {r['metric']}={r['value']:.4g}" for r in results.rows
+                     if r["method"] == method and r["length"] == length
+                     and r["metric"] in ("bits_per_byte", "accuracy", "exact_match")
+                     and "@" not in r["mode"])
+
+
+def evaluate_workdir(workdir, **kwargs) -> Results:
+    """`evaluate(load_checkpoint(workdir), **kwargs)`."""
+    return evaluate(load_checkpoint(workdir), workdir=workdir, **kwargs)

@@ -1,0 +1,81 @@
+"""Length extrapolation of a trained checkpoint: bits per byte, loss per position and
+passkey retrieval versus evaluation length, under training-free extension methods.
+
+    python scripts/evaluate_lengths.py --workdir=workdirs/quickstart \\
+        --methods=none,linear:auto,ntk:auto,yarn:auto,lm_infinite,streaming
+
+Lengths default to 1x .. 16x the training length. Methods (longjax.eval.methods): none,
+linear:S, ntk:S, dynamic_ntk:S, yarn:S, llama3:S (S a factor or "auto" = length / training
+length), lm_infinite, streaming, window, self_extend:G:W, logn; combine with "+". Outputs
+go to <workdir>/extrapolation/ (or --output_dir): results.csv, loss_per_position.csv,
+results.md and plots. A checkpoint trained on a synthetic task is evaluated per test size
+(--task_sizes) instead.
+"""
+
+import pathlib
+import sys
+import time
+
+from absl import app, flags
+
+from longjax.eval import report
+from longjax.eval.extrapolation import evaluate_workdir
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints/.")
+_LENGTHS = flags.DEFINE_list(
+    "lengths", [], "Evaluation lengths in tokens (default: 1x, 2x, 4x, 8x, 16x the training "
+    "length).")
+_METHODS = flags.DEFINE_list("methods", ["none"], "Extension methods, '+' to combine.")
+_NUM_TOKENS = flags.DEFINE_integer(
+    "num_tokens", 32768, "Text targets scored per length and mode (rounded up to whole "
+    "passages of the longest length).")
+_STRIDE = flags.DEFINE_integer(
+    "stride", None, "Sliding-window stride in tokens, at most the shortest length (default: "
+    "half of each length; 0: no sliding-window evaluation).")
+_DEPTHS = flags.DEFINE_list("passkey_depths", ["0", "0.25", "0.5", "0.75", "1"],
+                            "Passkey needle depths in [0, 1].")
+_PASSKEY_SAMPLES = flags.DEFINE_integer(
+    "passkey_samples", 5, "Passkey rows per length and depth (0: no passkey).")
+_TASK_SIZES = flags.DEFINE_list(
+    "task_sizes", [], "Test sizes (instance sizes n) for a checkpoint trained on a synthetic "
+    "task; it is scored at each (min_length = max_length = n).")
+flags.DEFINE_alias("tasks_sizes", "task_sizes")
+_TASK_SAMPLES = flags.DEFINE_integer("task_samples", 64, "Task rows per test size.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Rows (windows) per forward call.")
+_NUM_BINS = flags.DEFINE_integer("num_bins", 32, "Bins of the loss-per-position curves.")
+_BIN_SPACING = flags.DEFINE_enum("bin_spacing", "log", ["log", "linear"],
+                                 "Spacing of the loss-per-position bins.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
+                                  "Output folder (default: <workdir>/extrapolation).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _numbers(flag, kind):
+    try:
+        return [kind(v) for v in flag.value]
+    except ValueError as e:
+        raise ValueError(f"--{flag.name}={','.join(flag.value)}: {e}") from e
+
+
+def main(argv):
+    del argv
+    tick = time.perf_counter()
+    try:
+        results = evaluate_workdir(
+            _WORKDIR.value, lengths=_numbers(_LENGTHS, int), methods=_METHODS.value,
+            num_tokens=_NUM_TOKENS.value, stride=_STRIDE.value,
+            passkey_depths=_numbers(_DEPTHS, float), passkey_samples=_PASSKEY_SAMPLES.value,
+            task_sizes=_numbers(_TASK_SIZES, int), task_samples=_TASK_SAMPLES.value,
+            batch_size=_BATCH_SIZE.value, num_bins=_NUM_BINS.value,
+            bin_spacing=_BIN_SPACING.value)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    output_dir = _OUTPUT_DIR.value or pathlib.Path(_WORKDIR.value) / "extrapolation"
+    paths = report.write_outputs(results, output_dir)
+    print(f"Evaluated in {time.perf_counter() - tick:.0f} s; wrote:")
+    for path in paths:
+        print(f"  {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
