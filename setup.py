@@ -25,6 +25,9 @@ EXTRAS = {
         "hypothesis>=6.100",
         "chex>=0.1.88",
         "ruff>=0.6",
+        "nbformat>=5.9",  # tests/test_notebooks.py runs colab/ notebooks
+        "nbclient>=0.10",
+        "ipykernel>=6.29",
     ],
     "gpu": ["jax[cuda12]>=0.7.1"],
     "tpu": ["jax[tpu]>=0.7.1"],
