@@ -14,6 +14,9 @@ def test_parse_arg_types():
     assert config_lib.parse_arg("steps=5,model.mixer=mamba,lr=1e-3,flag=True") == {
         "steps": 5, "model.mixer": "mamba", "lr": 1e-3, "flag": True}
     assert config_lib.parse_arg(None) == {}
+    assert config_lib.parse_arg("mixer=(mamba,mamba,attention)*2,num_layers=6,"
+                                "data.eval_seq_lens=(64,128)") == {
+        "mixer": "(mamba,mamba,attention)*2", "num_layers": 6, "data.eval_seq_lens": (64, 128)}
     with pytest.raises(ValueError, match="not key=value"):
         config_lib.parse_arg("steps")
 

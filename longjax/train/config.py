@@ -69,10 +69,23 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside brackets: `"m=(a,b)*2,n=1"` -> two items."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def parse_arg(arg: str | None) -> dict[str, object]:
-    """`"a=1,model.mixer=mamba"` -> `{"a": 1, "model.mixer": "mamba"}` (Python literals)."""
+    """`"a=1,model.mixer=mamba"` -> `{"a": 1, "model.mixer": "mamba"}` (Python literals;
+    commas inside brackets stay in their value: `mixer=(mamba,attention)*2`,
+    `eval_seq_lens=(64,128)`)."""
     overrides = {}
-    for item in filter(None, (arg or "").split(",")):
+    for item in filter(None, _split_top_level(arg or "")):
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"config arg item {item!r} is not key=value")
