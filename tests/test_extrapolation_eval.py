@@ -314,8 +314,16 @@ def test_methods_that_cannot_apply():
                                          "attention layer"):
         apply_method(mamba, "window", train_length=L, eval_length=64)
     no_rope = _config(**{"model.mixer_options.attention.rope_fraction": 0.0}).model
-    with pytest.raises(ValueError, match="'yarn:2' rescales RoPE"):
+    with pytest.raises(ValueError, match="'yarn:2': yarn rescales RoPE positions"):
         apply_method(no_rope, "yarn:2", train_length=L, eval_length=64)
+    alibi = _config(**{"model.mixer_options.attention.position": "alibi"}).model
+    with pytest.raises(ValueError, match=r"position='alibi' .* position in \['rope', 'xpos'\]"):
+        apply_method(alibi, "logn+linear:2", train_length=L, eval_length=64)
+    xpos = _config(**{"model.mixer_options.attention.position": "xpos"}).model
+    apply_method(xpos, "ntk:2", train_length=L, eval_length=64)
+    with pytest.raises(ValueError, match=r"self_extend rescales .* position in \['rope'\]"):
+        apply_method(xpos, "self_extend:2:8", train_length=L, eval_length=64)
+    assert apply_method(alibi, "lm_infinite+logn", train_length=L, eval_length=64)
 
 
 @pytest.mark.parametrize("method", ["linear:2", "ntk:auto", "dynamic_ntk:1", "yarn:auto",

@@ -312,7 +312,8 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
         _evaluate_task(checkpoint, results, methods=methods, sizes=task_sizes,
                        samples=task_samples, batch_size=batch_size)
         return results
-    lengths = tuple(lengths or default_lengths(checkpoint.train_length))
+    lengths = tuple(dict.fromkeys(lengths or default_lengths(checkpoint.train_length)))
+    methods = tuple(dict.fromkeys(methods))
     _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size)
     models = _models(checkpoint, methods, lengths)
     docs = load_token_docs(checkpoint.config.data, "validation", seed=checkpoint.config.seed)

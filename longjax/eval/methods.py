@@ -120,8 +120,8 @@ def apply_method(model_config, method: str, *, train_length: int,
     """`model_config` (a checkpoint's `config.model`) with `method`'s attention options.
 
     ValueError naming the method when it cannot apply: the model has no attention layer,
-    a RoPE method meets attention without rotary positions, or the attention mixer does
-    not know an option.
+    a RoPE scaling meets attention without rotary positions (Self-Extend: without RoPE),
+    or the attention mixer does not know an option.
     """
     overrides = method_overrides(method, train_length=train_length, eval_length=eval_length)
     # A deep copy: as_configdict() is the frozen dict's own ConfigDict, which may share
@@ -133,14 +133,14 @@ def apply_method(model_config, method: str, *, train_length: int,
         raise ValueError(f"method {method!r} changes attention, but the model has no attention "
                          f"layer (config.model.mixer={config.mixer!r})")
     options = registry.mixer_options("attention", config)
-    rotary = options.get("position", "rope") in ROTARY and options["rope_fraction"] > 0
-    uses_rope = any(name in (*ROPE_SCALINGS, "self_extend")
-                    for name, _ in parse_method(method))
-    if uses_rope and not rotary:
-        raise ValueError(f"method {method!r} rescales RoPE, but the checkpoint's attention has "
-                         f"{_OPTIONS}.position={options.get('position')!r} and rope_fraction="
-                         f"{options['rope_fraction']!r}; it needs position in {list(ROTARY)} "
-                         f"with rope_fraction > 0")
+    position = options.get("position", "rope")
+    for name, _ in parse_method(method):
+        allowed = ROTARY if name in ROPE_SCALINGS else ("rope",) if name == "self_extend" else ()
+        if allowed and (position not in allowed or options["rope_fraction"] <= 0):
+            raise ValueError(f"method {method!r}: {name} rescales RoPE positions, but the "
+                             f"checkpoint's attention has {_OPTIONS}.position={position!r} "
+                             f"and rope_fraction={options['rope_fraction']!r}; it needs "
+                             f"position in {list(allowed)} with rope_fraction > 0")
     for key, value in overrides.items():
         config.mixer_options.attention[key] = value
     try:

@@ -10,6 +10,7 @@ needle depth, a panel per method) and, for task checkpoints, `task_accuracy.png`
 from __future__ import annotations
 
 import csv
+import itertools
 import pathlib
 
 import matplotlib
@@ -22,6 +23,7 @@ from longjax.eval.extrapolation import PASSKEY, Results  # noqa: E402
 
 RESULT_FIELDS = ("method", "mode", "length", "metric", "value")
 CURVE_FIELDS = ("method", "length", "start", "stop", "count", "loss")
+PASSKEY_PANELS_PER_ROW = 4
 LINE_STYLES = {"-": "solid", "--": "dashed", "-.": "dash-dot", ":": "dotted"}
 
 
@@ -143,9 +145,15 @@ def plot_passkey(results: Results, path) -> None:
     depth_modes = [m for m in _modes(results, "accuracy") if m.startswith(f"{PASSKEY}@")]
     depths = [m.split("@")[1] for m in depth_modes]
     lengths = sorted({r["length"] for r in results.rows if r["mode"] in depth_modes})
-    fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 0.7 * len(lengths) * len(methods),
-                                                       1.2 + 0.5 * len(depths)), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
+    cols = min(len(methods), PASSKEY_PANELS_PER_ROW)
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(1.5 + 0.6 * len(lengths) * cols,
+                                      (1.2 + 0.45 * len(depths)) * rows))
+    for ax, method in itertools.zip_longest(axes.flat, methods):
+        if method is None:
+            ax.axis("off")
+            continue
         grid = np.array([[results.table(mode, "accuracy")[method].get(n, np.nan)
                           for n in lengths] for mode in depth_modes])
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -155,9 +163,9 @@ def plot_passkey(results: Results, path) -> None:
         ax.set_yticks(range(len(depths)), depths)
         ax.set_title(method, fontsize="small")
         ax.set_xlabel("length")
-    axes[0, 0].set_ylabel("needle depth")
-    fig.colorbar(image, ax=axes[0, -1], label="accuracy")
-    _save(fig, path)
+        ax.set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
+    _save(fig, path, tight=False)  # constrained layout
 
 
 def plot_task_accuracy(results: Results, path) -> None:
@@ -175,7 +183,8 @@ def plot_task_accuracy(results: Results, path) -> None:
     _save(fig, path)
 
 
-def _save(fig, path) -> None:
-    fig.tight_layout()
+def _save(fig, path, *, tight=True) -> None:
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
