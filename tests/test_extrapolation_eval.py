@@ -363,3 +363,27 @@ def test_script_writes_the_outputs(workdir, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"{out}/results.md" in run.stdout and (out / "bpb_vs_length.png").exists()
     assert "## bits_per_byte (sliding:n/2)" in (out / "results.md").read_text()
+
+
+def test_combine_runs_side_by_side(results, tmp_path):
+    """scripts/combine_extrapolation.py: runs' rows relabelled `label` (method none) or
+    `label + method`, curves too, written as one report."""
+    spec = importlib.util.spec_from_file_location(
+        "combine_extrapolation", REPO / "scripts/combine_extrapolation.py")
+    combine_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(combine_script)
+    for name in ("a", "b"):
+        report.write_outputs(results, tmp_path / name / "extrapolation")
+        (tmp_path / name / "config.json").write_text('{"data": {"seq_len": 16}}')
+    combined = combine_script.combine([("rope", tmp_path / "a"), ("alibi", tmp_path / "b")])
+    assert len(combined.rows) == 2 * len(results.rows)
+    methods = {r["method"] for r in results.rows}
+    expected = {f"{label} + {m}" if m != "none" else label
+                for label in ("rope", "alibi") for m in methods}
+    assert {r["method"] for r in combined.rows} == expected
+    assert {c["method"] for c in combined.loss_curves} <= expected
+    assert combined.train_length == 16
+    table = combined.table(NONOVERLAPPING, "bits_per_byte")
+    assert table["rope"] == table["alibi"] == results.table(NONOVERLAPPING, "bits_per_byte")["none"]
+    with pytest.raises(ValueError, match="no results.csv"):
+        combine_script.combine([("x", tmp_path / "missing")])

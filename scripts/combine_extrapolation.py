@@ -1,0 +1,79 @@
+"""Several `evaluate_lengths.py` runs side by side: one table and one plot per metric.
+
+    python scripts/combine_extrapolation.py --output_dir=docs/results/length_extrapolation \
+        --runs=rope=workdirs/extrapolation/lm_rope,alibi=workdirs/extrapolation/lm_alibi
+
+Each run is `label=<workdir>` (its `extrapolation/` folder, or the folder itself when it
+holds results.csv). A run's method `none` becomes the row `label`, any other method
+`label + method`; the training length marked on the plots is the first run's. Writes
+results.csv, loss_per_position.csv, results.md and the plots of
+`longjax.eval.report` into `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+
+from longjax.eval import report
+from longjax.eval.extrapolation import Results
+
+_RUNS = flags.DEFINE_list("runs", None, "label=workdir pairs, in table order.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the combined files.")
+flags.mark_flags_as_required(["runs", "output_dir"])
+
+
+def _read(path: pathlib.Path, numbers: dict[str, type]) -> list[dict]:
+    """The records of a CSV written by `longjax.eval.report`, with typed number fields."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: numbers.get(k, str)(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def combine(runs: list[tuple[str, pathlib.Path]]) -> Results:
+    """One `Results` holding every run's rows and curves, methods relabelled by run."""
+    combined = None
+    for label, folder in runs:
+        if not (folder / "results.csv").exists():
+            folder = folder / "extrapolation"
+        if not (folder / "results.csv").exists():
+            raise ValueError(f"--runs {label}: no results.csv in {folder} or its parent; run "
+                             f"scripts/evaluate_lengths.py on that workdir first")
+        rows = _read(folder / "results.csv", {"length": int, "value": float})
+        curves = _read(folder / "loss_per_position.csv",
+                       {"length": int, "start": int, "stop": int, "count": int, "loss": float})
+        if combined is None:
+            config = json.loads((folder.parent / "config.json").read_text())
+            combined = Results(workdir=", ".join(label for label, _ in runs), step=0,
+                               train_length=int(config["data"]["seq_len"]))
+        for record in rows + curves:
+            method = record["method"]
+            record["method"] = label if method == "none" else f"{label} + {method}"
+        combined.rows.extend(rows)
+        combined.loss_curves.extend(curves)
+    return combined
+
+
+def main(argv):
+    del argv
+    runs = []
+    for item in _RUNS.value:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            sys.exit(f"error: --runs item {item!r} is not label=workdir")
+        runs.append((label, pathlib.Path(path)))
+    try:
+        results = combine(runs)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for path in report.write_outputs(results, _OUTPUT_DIR.value):
+        print(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
