@@ -39,10 +39,11 @@ def make_inputs(dtype, B=2, T=32, H=4, K=2, D=8):
     return q, k, v, dout, segment_ids
 
 
-def check_strategy(strategy, layout, case, dtype, mesh_sizes):
-    """Output and dq/dk/dv of `strategy` on `mesh_sizes` match reference attention."""
+def check_strategy(strategy, layout, case, dtype, mesh_sizes, mesh=None):
+    """Output and dq/dk/dv of `strategy` on `mesh_sizes` (or `mesh`) match reference
+    attention."""
     q, k, v, dout, segment_ids = make_inputs(dtype)
-    mesh = make_mesh(mesh_sizes)
+    mesh = make_mesh(mesh_sizes) if mesh is None else mesh
     options = dict(segment_ids=segment_ids, **CASES[case])
 
     def value_and_grads(attend):
@@ -71,6 +72,13 @@ def test_ring_fp32_matches_reference(layout, case):
 @pytest.mark.parametrize("layout,case", [("zigzag", "window"), ("striped", "noncausal")])
 def test_ring_bf16_matches_reference(layout, case):
     check_strategy("ring", layout, case, jnp.bfloat16, {"data": 2, "sequence": 4})
+
+
+def test_ring_on_a_mesh_with_explicit_axes():
+    """jax.make_mesh's default mesh (explicit axis types) works as the global-array API."""
+    mesh = jax.make_mesh((2, 4), ("data", "sequence"))
+    assert jax.sharding.AxisType.Explicit in mesh.axis_types
+    check_strategy("ring", "zigzag", "causal", jnp.float32, None, mesh=mesh)
 
 
 def test_ring_with_heads_over_tensor_axis():

@@ -72,6 +72,8 @@ def sequence_parallel_attention(
     `block_size` for the ring). Returns `[B, T, H, D]` in natural token order.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if jax.sharding.AxisType.Explicit in mesh.axis_types:  # jax.make_mesh's default
+        mesh = mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
     if axis_name not in mesh.axis_names:
