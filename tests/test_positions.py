@@ -269,3 +269,18 @@ def test_extrapolation_config_family():
         load_config_file(f"{path}:scheme=rotary")
     with pytest.raises(ValueError, match="task='lego'; allowed"):
         load_config_file(f"{path}:task=lego")
+
+
+def test_fire_bias_is_its_mlp():
+    """FireBias sums its MLP one hidden unit at a time: equal to Dense -> ReLU -> Dense
+    on the normalised distance, per head."""
+    from longjax.nn.position_bias import FireBias
+
+    fire = FireBias(num_heads=3, hidden=8, threshold_init=6.0)
+    q, k = jnp.asarray([[0, 5, 9, 20]]), jnp.asarray([[0, 3, 5, 9, 20]])
+    params = fire.init(jax.random.key(1), q, k)
+    p = params["params"]
+    u = P.fire_inputs(q, k, jax.nn.softplus(p["c"]), jnp.abs(p["threshold"]))[..., None]
+    hidden = jax.nn.relu(u @ p["hidden"]["kernel"] + p["hidden"]["bias"])
+    expected = jnp.moveaxis(hidden @ p["out"]["kernel"] + p["out"]["bias"], -1, 1)
+    np.testing.assert_allclose(fire.apply(params, q, k), expected, atol=1e-5)

@@ -56,7 +56,8 @@ class KerpleLogBias(nn.Module):
 class FireBias(nn.Module):
     """FIRE: an MLP (1 -> `hidden` ReLU -> heads) of the log-normalised distance, with the
     log scale c and the threshold L learned (Li et al. 2023, Sec. 3; c starts at 1 and L
-    at `threshold_init`)."""
+    at `threshold_init`). The MLP's input is a scalar per (query, key), so it is summed
+    one hidden unit at a time: memory `[B, Tq, Tk, H]`, never `[B, Tq, Tk, hidden]`."""
 
     num_heads: int
     hidden: int = 32
@@ -68,9 +69,18 @@ class FireBias(nn.Module):
                                        ()))
         threshold = jnp.abs(self.param("threshold",
                                        nn.initializers.constant(self.threshold_init), ()))
-        x = positions_lib.fire_inputs(q_positions, kv_positions, c, threshold)[..., None]
-        h = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
-        return jnp.moveaxis(nn.Dense(self.num_heads, name="out")(h), -1, 1)
+        u = positions_lib.fire_inputs(q_positions, kv_positions, c, threshold)
+        first, second = nn.Dense(self.hidden, name="hidden"), nn.Dense(self.num_heads, name="out")
+        second(first(jnp.zeros((1, 1))))  # creates (or binds) both layers' parameters
+        w1, b1 = first.variables["params"]["kernel"][0], first.variables["params"]["bias"]
+        w2, b2 = second.variables["params"]["kernel"], second.variables["params"]["bias"]
+
+        def add_unit(k, acc):
+            return acc + nn.relu(w1[k] * u + b1[k])[..., None] * w2[k]
+
+        out = jax.lax.fori_loop(0, self.hidden, add_unit,
+                                jnp.broadcast_to(b2, (*u.shape, self.num_heads)))
+        return jnp.moveaxis(out, -1, 1)
 
 
 class AbsolutePositions(nn.Module):
