@@ -5,7 +5,7 @@
 
 Each run is `label=<workdir>` (its `extrapolation/` folder, or the folder itself when it
 holds results.csv). A run's method `none` becomes the row `label`, any other method
-`label + method`; the training length marked on the plots is the first run's. Writes
+`label + method` (`--methods` keeps only some); the training length marked on the plots is the first run's. Writes
 results.csv, loss_per_position.csv, results.md and the plots of
 `longjax.eval.report` into `--output_dir`.
 """
@@ -23,6 +23,7 @@ from longjax.eval import report
 from longjax.eval.extrapolation import Results
 
 _RUNS = flags.DEFINE_list("runs", None, "label=workdir pairs, in table order.")
+_METHODS = flags.DEFINE_list("methods", None, "Only these methods of each run (default: all).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the combined files.")
 flags.mark_flags_as_required(["runs", "output_dir"])
 
@@ -35,8 +36,9 @@ def _read(path: pathlib.Path, numbers: dict[str, type]) -> list[dict]:
         return [{k: numbers.get(k, str)(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def combine(runs: list[tuple[str, pathlib.Path]]) -> Results:
-    """One `Results` holding every run's rows and curves, methods relabelled by run."""
+def combine(runs: list[tuple[str, pathlib.Path]], methods=None) -> Results:
+    """One `Results` holding every run's rows and curves (of `methods`, default all),
+    methods relabelled by run."""
     combined = None
     for label, folder in runs:
         if not (folder / "results.csv").exists():
@@ -47,6 +49,9 @@ def combine(runs: list[tuple[str, pathlib.Path]]) -> Results:
         rows = _read(folder / "results.csv", {"length": int, "value": float})
         curves = _read(folder / "loss_per_position.csv",
                        {"length": int, "start": int, "stop": int, "count": int, "loss": float})
+        if methods is not None:
+            rows = [r for r in rows if r["method"] in methods]
+            curves = [c for c in curves if c["method"] in methods]
         if combined is None:
             config = json.loads((folder.parent / "config.json").read_text())
             combined = Results(workdir=", ".join(label for label, _ in runs), step=0,
@@ -68,7 +73,7 @@ def main(argv):
             sys.exit(f"error: --runs item {item!r} is not label=workdir")
         runs.append((label, pathlib.Path(path)))
     try:
-        results = combine(runs)
+        results = combine(runs, _METHODS.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
     for path in report.write_outputs(results, _OUTPUT_DIR.value):

@@ -385,5 +385,7 @@ def test_combine_runs_side_by_side(results, tmp_path):
     assert combined.train_length == 16
     table = combined.table(NONOVERLAPPING, "bits_per_byte")
     assert table["rope"] == table["alibi"] == results.table(NONOVERLAPPING, "bits_per_byte")["none"]
+    only = combine_script.combine([("rope", tmp_path / "a")], methods=["none"])
+    assert {r["method"] for r in only.rows} == {"rope"}
     with pytest.raises(ValueError, match="no results.csv"):
         combine_script.combine([("x", tmp_path / "missing")])
