@@ -5,9 +5,9 @@
 
 Each run is `label=<workdir>` (its `extrapolation/` folder, or the folder itself when it
 holds results.csv). A run's method `none` becomes the row `label`, any other method
-`label + method` (`--methods` keeps only some); the training length marked on the plots is the first run's. Writes
-results.csv, loss_per_position.csv, results.md and the plots of
-`longjax.eval.report` into `--output_dir`.
+`label + method` (`--methods` keeps only some); the training length marked on the plots
+is the first run's. Writes results.csv, loss_per_position.csv, results.md and the plots
+of `longjax.eval.report` into `--output_dir`.
 """
 
 from __future__ import annotations
