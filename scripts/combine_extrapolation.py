@@ -25,7 +25,6 @@ from longjax.eval.extrapolation import Results
 _RUNS = flags.DEFINE_list("runs", None, "label=workdir pairs, in table order.")
 _METHODS = flags.DEFINE_list("methods", None, "Only these methods of each run (default: all).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the combined files.")
-flags.mark_flags_as_required(["runs", "output_dir"])
 
 
 def _read(path: pathlib.Path, numbers: dict[str, type]) -> list[dict]:
@@ -66,6 +65,8 @@ def combine(runs: list[tuple[str, pathlib.Path]], methods=None) -> Results:
 
 def main(argv):
     del argv
+    if not _RUNS.value or not _OUTPUT_DIR.value:
+        sys.exit("error: give --runs=label=workdir,... and --output_dir")
     runs = []
     for item in _RUNS.value:
         label, sep, path = item.partition("=")

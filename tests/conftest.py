@@ -1,8 +1,16 @@
-"""Test setup: the CPU backend with 8 simulated devices, set before JAX starts."""
+"""Test setup: the CPU backend with 8 simulated devices, set before JAX starts.
+
+The suite is bound by XLA compile time (hundreds of small programs), so XLA's CPU
+backend skips its LLVM optimisation passes and fusion emitters here (FAST_COMPILE): the
+programs compute the same math, compile several times faster and run slower, which the
+tests' small shapes do not feel. Subprocesses the tests start inherit it.
+"""
 
 import os
 
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
 

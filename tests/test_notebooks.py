@@ -4,12 +4,10 @@ Each notebook runs in a fresh `python3` kernel (this interpreter: jupyter_client
 kernel spec whose command is `python` with `sys.executable`) with `LONGJAX_NOTEBOOK_SMOKE=1`, which
 makes its settings cell pick the smallest sizes that still run every cell, its runs under
 a temporary folder (`LONGJAX_WORKDIRS`, also the working directory) and the embedded
-corpus from one built for the tests (`TFDS_DATA_DIR`). Smoke runs are
-bound by XLA compile time, so the kernel's XLA compiles for speed (`FAST_COMPILE`: about
-3x less compile time on CPU, the same math).
+corpus from one built for the tests (`TFDS_DATA_DIR`). The kernel inherits the suite's
+fast-compile XLA flags (tests/conftest.py).
 """
 
-import os
 import pathlib
 
 import nbformat
@@ -19,7 +17,6 @@ from nbclient import NotebookClient
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_quickstart", "02_length_extrapolation", "03_kernels_and_ring_attention",
              "04_mixer_zoo")
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 CELL_TIMEOUT_S = 300  # a hang guard; the four notebooks take seconds each
 # Run first in the kernel: the notebook must import this checkout's longjax (the editable
 # install), not another copy, and never reach its install cell's clone instructions.
@@ -68,7 +65,6 @@ def test_runs_top_to_bottom(name, tmp_path, monkeypatch, tfds_data_dir):
     monkeypatch.setenv("LONGJAX_WORKDIRS", str(tmp_path))
     monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_data_dir))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip())
     notebook = read(name)
     notebook.cells.insert(0, nbformat.v4.new_code_cell(SAME_LONGJAX))
     client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
