@@ -57,6 +57,8 @@ def test_rope_and_xpos_depend_on_relative_position_only():
             return fn(e0, jnp.full((1, 1), p), inv_freq=inv_freq, **kw)[0, 0, 0]
         dot = float(at(P.rope, m) @ at(P.rope, n))
         assert dot == pytest.approx(math.cos(m - n), abs=1e-4)
+        scaled = P.rope(e0, jnp.full((1, 1), m), scaling="linear", factor=4)[0, 0, 0]
+        np.testing.assert_allclose(scaled, at(P.rope, m / 4), atol=1e-5)  # PI: positions / s
         dot = float(at(P.xpos, m, key=False) @ at(P.xpos, n, key=True))
         assert dot == pytest.approx(math.cos(m - n) * (0.4 / 1.4) ** ((m - n) / 512), abs=1e-4)
 

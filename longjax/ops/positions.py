@@ -88,14 +88,18 @@ def yarn_attention_factor(factor):
     return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
-def rope(x, positions, *, base=10000.0, fraction=1.0, inv_freq=None):
+def rope(x, positions, *, base=10000.0, fraction=1.0, scaling="none", factor=1.0,
+         original_length=None, length=None, inv_freq=None):
     """Rotate `x` `[B, T, H, D]` by angles `positions[b, t] * inv_freq` (half-split pairs).
 
     Only the first `fraction * D` dims rotate (partial rotary); the rest pass through.
-    `inv_freq` (from `rope_frequencies`, e.g. scaled) overrides `base` and `fraction`.
+    The frequencies are `rope_frequencies(D, base=..., fraction=..., scaling=...,
+    factor=..., original_length=..., length=...)` unless `inv_freq` gives them.
     """
     if inv_freq is None:
-        inv_freq = rope_frequencies(x.shape[-1], base=base, fraction=fraction)
+        inv_freq = rope_frequencies(x.shape[-1], base=base, fraction=fraction, scaling=scaling,
+                                    factor=factor, original_length=original_length,
+                                    length=length)
     rotary_dim = 2 * inv_freq.shape[0]
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
     sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
