@@ -27,12 +27,13 @@ from typing import Any
 import ml_collections
 
 from longjax.nn import registry
+from longjax.nn.attention import ROTARY
 from longjax.nn.pattern import layer_mixers
+from longjax.ops import positions
 
-ROPE_SCALINGS = ("linear", "ntk", "dynamic_ntk", "yarn", "llama3")
+ROPE_SCALINGS = tuple(s for s in positions.ROPE_SCALINGS if s != "none")
 ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "lm_infinite", "streaming", "window",
            "self_extend:G:W", "logn")
-ROTARY = ("rope", "xpos")
 LM_INFINITE_SINKS = 10
 STREAMING_SINKS = 4
 _OPTIONS = "config.model.mixer_options.attention"

@@ -92,11 +92,9 @@ class AttentionMixer(nn.Module):
         """Raises ValueError naming the option for bad position / extension settings."""
         if self.position not in POSITIONS:
             raise ValueError(f"{_OPTIONS}.position={self.position!r}; allowed: {list(POSITIONS)}")
-        try:
-            positions_lib.check_rope_scaling(self.rope_scaling, self.rope_scaling_factor,
-                                             self.train_length, where=f"{_OPTIONS}.rope")
-        except ValueError as e:
-            raise ValueError(str(e).replace("(train_length", f"({_OPTIONS}.train_length")) from e
+        positions_lib.check_rope_scaling(
+            self.rope_scaling, self.rope_scaling_factor, self.train_length,
+            where=f"{_OPTIONS}.rope", length_field=f"{_OPTIONS}.train_length")
         if self.rope_scaling != "none" and self.position not in ROTARY:
             raise ValueError(f"{_OPTIONS}.rope_scaling={self.rope_scaling!r} needs a rotary "
                              f"position ({list(ROTARY)}); position={self.position!r}")

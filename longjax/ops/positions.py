@@ -33,9 +33,10 @@ LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR = 1.0, 4.0
 XPOS_GAMMA, XPOS_SCALE_BASE = 0.4, 512.0
 
 
-def check_rope_scaling(scaling, factor, original_length, *, where="rope"):
+def check_rope_scaling(scaling, factor, original_length, *, where="rope",
+                       length_field="original_length"):
     """Raises ValueError naming `where` for an unknown scaling, a factor <= 0, or a missing
-    training length for the scalings that need one."""
+    training length (`length_field`) for the scalings that need one."""
     if scaling not in ROPE_SCALINGS:
         raise ValueError(f"{where}_scaling={scaling!r}; allowed: {list(ROPE_SCALINGS)}")
     if not (isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 0):
@@ -43,7 +44,7 @@ def check_rope_scaling(scaling, factor, original_length, *, where="rope"):
     needs_length = scaling in ("dynamic_ntk", "yarn", "llama3")
     if needs_length and not (isinstance(original_length, int) and original_length > 0):
         raise ValueError(f"{where}_scaling={scaling!r} needs the training length "
-                         f"(train_length, a positive int); got {original_length!r}")
+                         f"({length_field}, a positive int); got {original_length!r}")
 
 
 def rope_frequencies(head_dim, *, base=10000.0, fraction=1.0, scaling="none", factor=1.0,
