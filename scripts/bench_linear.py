@@ -96,7 +96,7 @@ def _report(results, B, H, D):
         heading(),
         "",
         f"Machine: {machine()}. B={B}, H={H}, Dk=Dv={D}, float32, "
-        "default chunk sizes (64; 8 for gla). Seconds (median), peak MiB from "
+        "default chunk size 64. Seconds (median), peak MiB from "
         "`compile().memory_analysis()`.",
         "",
         "| op | impl | T | fwd s | fwd+bwd s | fwd peak MiB | fwd+bwd peak MiB |",

@@ -90,6 +90,29 @@ def test_xla_matches_reference_fp32_with_grads(name):
         np.testing.assert_allclose(g_xla, g_ref, atol=1e-4, rtol=1e-3, err_msg=str(path))
 
 
+@pytest.mark.parametrize("chunk_size", [12, 32, 64])  # halved to odd blocks of 3; to single
+def test_gla_chunk_sizes_with_strong_decays(chunk_size):  # tokens; one odd chunk of all T
+    """GLA's recursive secondary chunking at other chunk sizes, with log decays down to -20
+    per token: `exp(-b)` of a whole chunk would overflow, the factored scores must not."""
+    x = _inputs(jnp.float32)
+    state = _normal(np.random.default_rng(1), B, H, DK, DV)
+    g = x["g_dim"] * 10
+
+    def loss(impl, q, k, v, g):
+        o, s = la.gla(q, k, v, g, impl=impl, initial_state=state, segment_ids=SEGMENTS,
+                      return_final_state=True, chunk_size=chunk_size)
+        return jnp.sum(o * x["v"]) + jnp.sum(s), (o, s)
+
+    results = [jax.jit(jax.value_and_grad(loss, (1, 2, 3, 4), has_aux=True),
+                       static_argnums=0)(impl, x["q"], x["k"], x["v"], g)
+               for impl in ("reference", "xla")]
+    (_, want), want_grads = results[0]
+    (_, got), got_grads = results[1]
+    for a, b in zip(jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("C", [48, 20])  # blocked (3 blocks of 16), and row by row
 def test_unit_lower_solve_and_its_gradient(C):
     """`(I + L)^{-1} B` and its VJP against a dense solve of the delta rules' system."""

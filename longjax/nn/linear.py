@@ -261,7 +261,7 @@ _LINEAR_DEFAULTS = {"impl": "auto", "chunk_size": 64, "conv_size": 0}
 _KINDS = {
     "linear_attention": {},
     "retention": {},
-    "gla": {"chunk_size": 16, "gate_rank": 16},
+    "gla": {"gate_rank": 16},
     "deltanet": {"conv_size": 4},
     "gated_deltanet": {"conv_size": 4},
     "based": {"feature_dim": 16},
