@@ -63,9 +63,11 @@ def heading(devices: str | None = None) -> str:
 
 
 def machine() -> str:
-    """The host, its processor and CPU count, and the jax version."""
+    """The host, its processor, the CPUs this process may run on (fewer than the machine's
+    under `taskset`) and the jax version."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs; jax {jax.__version__}")
+            f"{cpus} of {os.cpu_count()} CPUs; jax {jax.__version__}")
 
 
 def append_results(path: str, section: str, text: str) -> None:

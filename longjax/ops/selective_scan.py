@@ -7,8 +7,8 @@ Selective State Spaces", Algorithm 2 with zero-order-hold `A` and Euler `B`):
 per channel d and state index n, with `delta <- softplus(delta + delta_bias)` optionally.
 Implementations: `"reference"` (sequential `lax.scan`, autodiff, fp32 state), `"xla"` (the
 same token-by-token recurrence in chunks, with a hand-written backward that recomputes each
-chunk's states from one saved state per chunk: the algorithm of the Pallas kernels in pure
-JAX, so no `[B, T, D, N]` tensor exists and the working set stays in cache), `"pallas"` /
+chunk's states from one saved state per chunk, as the Pallas kernels do, so no
+`[B, T, D, N]` tensor exists and the working set stays in cache), `"pallas"` /
 `"pallas_interpret"` (`pallas_kernels.selective_scan`, GPU and TPU).
 """
 
@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from longjax.ops.scan import segment_keep
-from pallas_kernels.selective_scan import step
 
 IMPLS = ("reference", "xla", "pallas", "pallas_interpret")
 
@@ -66,84 +65,101 @@ def _reference_core(u, delta, A, B, C, keep, h0):
     return jnp.moveaxis(y, 0, 1), h_last
 
 
-def _tokens(u, dt, B, C, keep):
-    """Kernel layout, time-major: u, dt `[T, BG, 1, E]`, B, C `[T, BG, N, 1]`, keep
-    `[T, BG, 1, 1]` from the grouped layout."""
-    G = u.shape[2]
-    rows = lambda x: jnp.moveaxis(x, 1, 0).reshape((x.shape[1], -1, 1, x.shape[-1]))
-    cols = lambda x: jnp.moveaxis(x, 1, 0).reshape((x.shape[1], -1, x.shape[-1], 1))
-    keep = jnp.repeat(keep, G, axis=0).T[:, :, None, None]
-    return rows(u), rows(dt), cols(B), cols(C), keep
+def _decays(dt, A_T, keep):
+    """`a_k = exp(dt_k A)` for a chunk, `[K, BG, N, E]`; 0 across a document border."""
+    return jnp.exp(dt[..., None, :] * A_T) * keep[..., None, None]
 
 
-def _chunks(x, K):
-    return x.reshape((-1, K) + x.shape[1:])
+def _inputs(B, dtu):
+    """`b_k = B_k (dt_k u_k)^T`, the state update of each token, `[..., BG, N, E]`."""
+    return B[..., None] * dtu[..., None, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _recurrent(u, dt, A_T, B, C, keep, h0, K):
-    """The scan token by token in chunks of K, kernel layout (see `_tokens`); A_T, h0
-    `[BG, N, E]`. Returns `y [T, BG, 1, E]`, `h_T`. The backward pass recomputes each
-    chunk's states from a saved one (as the Pallas kernels do), so only `T / K` states are
-    kept, and reuses the kernels' per-token math (`pallas_kernels.selective_scan.step`)."""
-    return _recurrent_fwd(u, dt, A_T, B, C, keep, h0, K)[0]
+def _chunked(u, dt, A_T, B, C, keep, h0, K):
+    """The scan in chunks of K tokens, time-major: u, dt `[T, BG, E]`, B, C `[T, BG, N]`,
+    keep `[T, BG]`, A_T, h0 `[BG, N, E]` (BG = batch x groups). Returns `y [T, BG, E]` and
+    `h_T`. The forward pass runs token by token and saves the state entering each chunk;
+    the backward pass recomputes one chunk's states at a time from it (as the Pallas
+    kernels do), so memory is `T / K` states plus one chunk's `[K, BG, N, E]` work."""
+    return _chunked_fwd(u, dt, A_T, B, C, keep, h0, K)[0]
 
 
-def _recurrent_fwd(u, dt, A_T, B, C, keep, h0, K):
-    def token(h, xs):
-        return step.forward(h, xs[0], xs[1], A_T, xs[2], xs[3], xs[4])
+def _split(x, K):
+    return x.reshape((-1, K) + x.shape[1:])
+
+
+def _chunked_fwd(u, dt, A_T, B, C, keep, h0, K):
+    def token(h, x):
+        u, dt, B, C, keep = x
+        h = _decays(dt, A_T, keep) * h + _inputs(B, dt * u)
+        return h, jnp.sum(C[..., None] * h, axis=-2)
 
     def chunk(h, xs):
         h_end, y = jax.lax.scan(token, h, xs)
         return h_end, (y, h)
 
-    xs = tuple(_chunks(x, K) for x in (u, dt, B, C, keep))
-    h_last, (y, starts) = jax.lax.scan(chunk, h0, xs)
+    h_last, (y, starts) = jax.lax.scan(chunk, h0, tuple(_split(x, K) for x in (u, dt, B, C, keep)))
     return (y.reshape(u.shape), h_last), (u, dt, A_T, B, C, keep, starts)
 
 
-def _recurrent_bwd(K, residuals, cotangents):
+def _chunked_bwd(K, residuals, cotangents):
+    """Per chunk, last to first: the decays at once, the states `h_{k-1}` before each token
+    recomputed token by token from the saved one, then the state gradients
+    `g_k = dL/dh_k = C_k dy_k + a_{k+1} g_{k+1}` token by token backwards, accumulating
+    `dL/d(dt_k A) = a_k g_k h_{k-1}` into dA and (summed over N) into ddt on the way; the
+    gradients of B, C and dt u are contractions of the chunk's g and states. (Each piece
+    was placed, in a loop or as one chunk-wide op, by timing on CPU: XLA runs a
+    `[K, BG, N, E]` sum over N as a slow reduction but a contraction as a fast matmul.)"""
     u, dt, A_T, B, C, keep, starts = residuals
     dy, dh_last = cotangents
 
     def chunk(carry, xs):
-        g, dA = carry
-        start, tokens = xs[0], xs[1:6]
-        states = jax.lax.scan(
-            lambda h, x: (step.forward(h, x[0], x[1], A_T, x[2], x[3], x[4])[0],) * 2,
-            start, tokens)[1]
-        previous = jnp.concatenate([start[None], states[:-1]], axis=0)
+        g_after, dA = carry  # dL/dh at the chunk's end from later chunks; dL/dA_T so far
+        start, u, dt, B, C, keep, dy = xs
+        a, dtu = _decays(dt, A_T, keep), dt * u
+        h_end, previous = jax.lax.scan(lambda h, x: (x[0] * h + _inputs(x[1], x[2]), h),
+                                       start, (a, B, dtu))
 
         def token(carry, x):
-            g, dA = carry
-            h_prev, h, (u_t, dt_t, B_t, C_t, keep_t), dy_t = x
-            g, du, ddt, dB, dC, dA_t = step.backward(g, h_prev, h, u_t, dt_t, A_T, B_t, C_t,
-                                                     keep_t, dy_t)
-            return (g, dA + dA_t), (du, ddt, dB, dC)
+            g_next, dA = carry  # a_{k+1} g_{k+1}
+            a_k, C_k, dy_k, previous_k, dt_k = x
+            g = C_k[..., None] * dy_k[..., None, :] + g_next
+            g_next = a_k * g
+            d_log_a = g_next * previous_k
+            return (g_next, dA + d_log_a * dt_k[..., None, :]), (g, jnp.sum(d_log_a * A_T, -2))
 
-        return jax.lax.scan(token, (g, dA), (previous, states, tokens, xs[6]), reverse=True)
+        (g_start, dA), (g, ddt_decay) = jax.lax.scan(token, (g_after, dA),
+                                                     (a, C, dy, previous, dt), reverse=True)
+        d_dtu = jnp.einsum("kgne,kgn->kge", g, B)
+        dB = jnp.einsum("kgne,kge->kgn", g, dtu)
+        # dC_k = h_k . dy_k with h_k = previous_{k+1}, and the chunk's last state
+        dC = jnp.concatenate([jnp.einsum("kgne,kge->kgn", previous[1:], dy[:-1]),
+                              jnp.einsum("gne,ge->gn", h_end, dy[-1])[None]])
+        return (g_start, dA), (d_dtu * dt, d_dtu * u + ddt_decay, dB, dC)
 
-    xs = (starts,) + tuple(_chunks(x, K) for x in (u, dt, B, C, keep, dy))
+    xs = (starts,) + tuple(_split(x, K) for x in (u, dt, B, C, keep, dy))
     (dh0, dA), grads = jax.lax.scan(chunk, (dh_last, jnp.zeros_like(A_T)), xs, reverse=True)
     du, ddt, dB, dC = (x.reshape((-1,) + x.shape[2:]) for x in grads)
     return du, ddt, dA, dB, dC, jnp.zeros_like(keep), dh0
 
 
-_recurrent.defvjp(_recurrent_fwd, _recurrent_bwd)
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def _xla_core(u, delta, A, B, C, keep, h0, chunk_size):
-    """`_recurrent` on the grouped layout (T padded to a multiple of `chunk_size`)."""
+    """`_chunked` on the grouped layout (T padded to a multiple of `chunk_size`)."""
     Bsz, T, G, E = u.shape
     pad = -T % chunk_size
     # padded steps have delta = 0 and keep = 1: the identity, so the last state is unchanged
-    padded = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (u, delta, B, C)]
-    keep = jnp.pad(keep, [(0, 0), (0, pad)], constant_values=1.0)
-    A_T = jnp.tile(jnp.swapaxes(A, 1, 2), (Bsz, 1, 1))  # [BG, N, E], row b * G + g
+    time_major = lambda x, value=0.0: jnp.moveaxis(
+        jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value), 1, 0)
+    rows = lambda x: time_major(x).reshape((T + pad, Bsz * G, x.shape[-1]))
+    keep = jnp.repeat(time_major(keep, 1.0), G, axis=1)  # [T, BG], column b * G + g
+    A_T = jnp.tile(jnp.swapaxes(A, 1, 2), (Bsz, 1, 1))  # [BG, N, E]
     h0 = jnp.swapaxes(h0, 2, 3).reshape((Bsz * G,) + A_T.shape[1:])
-    u, dt, B, C, keep = _tokens(*padded, keep)
-    y, h_last = _recurrent(u, dt, A_T, B, C, keep, h0, chunk_size)
-    y = jnp.moveaxis(y[:T, :, 0].reshape(T, Bsz, G, E), 0, 1)
+    y, h_last = _chunked(rows(u), rows(delta), A_T, rows(B), rows(C), keep, h0, chunk_size)
+    y = jnp.moveaxis(y[:T].reshape(T, Bsz, G, E), 0, 1)
     return y, jnp.swapaxes(h_last.reshape((Bsz, G) + h_last.shape[1:]), 2, 3)
 
 
@@ -153,7 +169,7 @@ def selective_scan_core(u, delta, A, B, C, *, keep, h0, impl, chunk_size=None):
     if impl == "reference":
         return _reference_core(u, delta, A, B, C, keep, h0)
     if impl == "xla":
-        return _xla_core(u, delta, A, B, C, keep, h0, chunk_size or 64)
+        return _xla_core(u, delta, A, B, C, keep, h0, chunk_size or 32)
     from pallas_kernels.selective_scan import selective_scan_pallas
 
     return selective_scan_pallas(u, delta, A, B, C, keep, h0, interpret=impl == "pallas_interpret",
@@ -205,7 +221,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       segment_ids: `[B, T]` document ids; the state resets at every border.
       impl: "reference", "xla", "pallas", "pallas_interpret" or "auto" (= "xla": the Pallas
         kernels are opt-in until timed on hardware).
-      chunk_size: tokens per saved state in "xla" (default 64) and the Pallas kernels.
+      chunk_size: tokens per saved state in "xla" (default 32) and the Pallas kernels.
 
     Returns:
       y `[B, T, D]` in u's dtype, and the final state when asked.
