@@ -3,7 +3,7 @@
 Layout inside a kernel: the state `h` is `[N, E]` (state index on rows, a block of E
 channels on columns); per-token channel vectors (`u`, `delta`, `dy`) are rows `[1, E]`;
 per-token state vectors (`B`, `C`) are columns `[N, 1]`; `A_T` is `[N, E]`; `keep` (0 at
-a document border) broadcasts. Leading batch axes are allowed. Math of Gu & Dao 2023:
+a document border) broadcasts. Math of Gu & Dao 2023:
 `h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t`, `y_t = C_t . h_t`.
 """
 
