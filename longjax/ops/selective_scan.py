@@ -161,8 +161,10 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def _xla_core(u, delta, A, B, C, keep, h0, chunk_size):
-    """`_chunked` on the grouped layout (T padded to a multiple of `chunk_size`)."""
+    """`_chunked` on the grouped layout (T padded to a multiple of `chunk_size`, which is cut
+    to T for shorter inputs such as decode steps)."""
     Bsz, T, G, E = u.shape
+    chunk_size = min(chunk_size, T)
     pad = -T % chunk_size
     # padded steps have delta = 0 and keep = 1: the identity, so the last state is unchanged
     time_major = lambda x, value=0.0: jnp.moveaxis(
