@@ -1,6 +1,8 @@
 """SSM scan benchmark: forward and forward+backward time and peak memory versus T per impl.
 
     python scripts/bench_scan.py                     # CPU defaults (T = 1k .. 64k), minutes
+    python scripts/bench_scan.py --ops=selective_scan --lengths=16384 \
+        --channels=512,1536                          # Mamba's widths (d_inner of 130M: 1536)
     python scripts/bench_scan.py --ops=selective_scan --impls=reference,xla,pallas \
         --lengths=16384 --channels=1536              # GPU: the Pallas comparison
 
@@ -15,6 +17,7 @@ machine and date, followed by the fwd+bwd speed-up of each impl over "reference"
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,7 @@ _OPS = flags.DEFINE_list("ops", ["selective_scan", "ssd"], "Ops to time.")
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths.")
 _IMPLS = flags.DEFINE_list("impls", ["reference", "xla"], "Implementations to compare.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
-_CHANNELS = flags.DEFINE_integer("channels", 128, "Channels D (selective scan) = H * 64 (SSD).")
+_CHANNELS = flags.DEFINE_list("channels", ["128"], "Channels D (selective scan) = H * 64 (SSD).")
 _STATE = flags.DEFINE_integer("state", 16, "State size N.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
@@ -36,8 +39,8 @@ _RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "File to appe
 _SECTION = "## SSM scans (`scripts/bench_scan.py`)"
 
 
-def _inputs(op, T, key):
-    B, D, N, dtype = _BATCH.value, _CHANNELS.value, _STATE.value, jnp.dtype(_DTYPE.value)
+def _inputs(op, D, T, key):
+    B, N, dtype = _BATCH.value, _STATE.value, jnp.dtype(_DTYPE.value)
     k = jax.random.split(key, 6)
     normal = lambda i, shape: jax.random.normal(k[i], shape, jnp.float32).astype(dtype)
     if op == "selective_scan":
@@ -61,46 +64,48 @@ def _op(op, impl):
 def main(argv):
     del argv
     rows = []
-    for op in _OPS.value:
-        for T in (int(n) for n in _LENGTHS.value):
-            args, dy = _inputs(op, T, jax.random.PRNGKey(T))
-            for impl in _IMPLS.value:
-                f = _op(op, impl)
-                fwd_mem, fwd_t = measure(f, args, repeats=_REPEATS.value)
-                bwd_mem, bwd_t = measure(fwd_bwd(f), (*args, dy), repeats=_REPEATS.value)
-                row = dict(op=op, impl=impl, T=T, fwd_t=fwd_t, bwd_t=bwd_t, fwd_mem=fwd_mem,
-                           bwd_mem=bwd_mem)
-                rows.append(row)
-                print(_format_row(row), flush=True)
+    for op, D, T in itertools.product(_OPS.value, (int(d) for d in _CHANNELS.value),
+                                      (int(n) for n in _LENGTHS.value)):
+        args, dy = _inputs(op, D, T, jax.random.PRNGKey(T))
+        for impl in _IMPLS.value:
+            f = _op(op, impl)
+            fwd_mem, fwd_t = measure(f, args, repeats=_REPEATS.value)
+            bwd_mem, bwd_t = measure(fwd_bwd(f), (*args, dy), repeats=_REPEATS.value)
+            row = dict(op=op, impl=impl, D=D, T=T, fwd_t=fwd_t, bwd_t=bwd_t, fwd_mem=fwd_mem,
+                       bwd_mem=bwd_mem)
+            rows.append(row)
+            print(_format_row(row), flush=True)
     table = _table(rows)
     print(table)
     append_results(_RESULTS.value, _SECTION, table)
 
 
 def _format_row(r):
-    return (f"| {r['op']} | {r['impl']} | {r['T']} | {r['fwd_t']:.4f} | {r['bwd_t']:.4f} | "
-            f"{r['fwd_mem']:.1f} | {r['bwd_mem']:.1f} | {r['bwd_mem'] * 1024 / r['T']:.1f} |")
+    return (f"| {r['op']} | {r['impl']} | {r['D']} | {r['T']} | {r['fwd_t']:.4f} | "
+            f"{r['bwd_t']:.4f} | {r['fwd_mem']:.1f} | {r['bwd_mem']:.1f} | "
+            f"{r['bwd_mem'] * 1024 / r['T']:.1f} |")
 
 
 def _speedups(rows):
-    ref = {(r["op"], r["T"]): r["bwd_t"] for r in rows if r["impl"] == "reference"}
-    return [f"- {r['op']} `{r['impl']}` at T={r['T']}: fwd+bwd "
-            f"{ref[(r['op'], r['T'])] / r['bwd_t']:.1f}x faster than `reference`"
-            for r in rows if r["impl"] != "reference" and (r["op"], r["T"]) in ref]
+    key = lambda r: (r["op"], r["D"], r["T"])
+    ref = {key(r): r["bwd_t"] for r in rows if r["impl"] == "reference"}
+    return [f"- {r['op']} `{r['impl']}` at channels={r['D']}, T={r['T']}: fwd+bwd "
+            f"{ref[key(r)] / r['bwd_t']:.1f}x faster than `reference`"
+            for r in rows if r["impl"] != "reference" and key(r) in ref]
 
 
 def _table(rows):
     lines = [
         heading(),
         "",
-        f"Machine: {machine()}. Shapes: B={_BATCH.value}, "
-        f"channels={_CHANNELS.value}, state={_STATE.value}, {_DTYPE.value} (SSD: "
-        f"{_CHANNELS.value // 64} heads of 64, chunk 64). Time in seconds (median of "
+        f"Machine: {machine()}. Shapes: B={_BATCH.value}, channels D as listed, "
+        f"state={_STATE.value}, {_DTYPE.value} (SSD: D / 64 heads of 64, chunk 64). "
+        f"Time in seconds (median of "
         f"{_REPEATS.value}); peak memory from `compile().memory_analysis()` in MiB.",
         "",
-        "| op | impl | T | fwd s | fwd+bwd s | fwd peak MiB | fwd+bwd peak MiB | "
+        "| op | impl | D | T | fwd s | fwd+bwd s | fwd peak MiB | fwd+bwd peak MiB | "
         "fwd+bwd KiB / token |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_format_row(r) for r in rows]
     lines += [""] + _speedups(rows)
