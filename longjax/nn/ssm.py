@@ -35,8 +35,9 @@ def _continued(state, cache_segment, seg):
 
 def _step_impl(impl, cache, T):
     """The scan impl for this call: one decode step (T = 1 through a cache) runs the plain
-    recurrence, which is the same math and far cheaper than a chunked scan padded to a
-    chunk (Mamba on CPU: 0.26 ms against 9 ms per layer and token)."""
+    recurrence, the same math with less machinery around one token than the chunked scan
+    (selective scan on CPU, batch 4: 32 against 48 us at D=128, 0.16 against 0.24 ms at
+    D=1536)."""
     return "reference" if cache is not None and T == 1 and impl in ("auto", "xla") else impl
 
 
