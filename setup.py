@@ -28,6 +28,8 @@ EXTRAS = {
         "nbformat>=5.9",  # tests/test_notebooks.py runs colab/ notebooks
         "nbclient>=0.10",
         "ipykernel>=6.29",
+        # the TPU compiler: tests compile kernels and train steps for TPU topologies
+        "libtpu>=0.0.52; platform_system == 'Linux'",
     ],
     "gpu": ["jax[cuda12]>=0.7.1"],
     "tpu": ["jax[tpu]>=0.7.1"],

@@ -9,15 +9,18 @@ linear:S, ntk:S, dynamic_ntk:S, yarn:S, llama3:S (S a factor or "auto" = length 
 length), lm_infinite, streaming, window, self_extend:G:W, logn; combine with "+". Outputs
 go to <workdir>/extrapolation/ (or --output_dir): results.csv, loss_per_position.csv,
 results.md and plots. A checkpoint trained on a synthetic task is evaluated per test size
-(--task_sizes) instead.
+(--task_sizes) instead. Launched as several processes (see scripts/train.py), every
+process evaluates and process 0 writes the outputs.
 """
 
 import pathlib
 import sys
 import time
 
+import jax
 from absl import app, flags
 
+from longjax import distributed
 from longjax.eval import report
 from longjax.eval.extrapolation import evaluate_workdir
 
@@ -48,6 +51,7 @@ _BIN_SPACING = flags.DEFINE_enum("bin_spacing", "log", ["log", "linear"],
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "Output folder (default: <workdir>/extrapolation).")
 flags.mark_flags_as_required(["workdir"])
+distributed.define_flags()
 
 
 def _numbers(flag, kind):
@@ -61,6 +65,7 @@ def main(argv):
     del argv
     tick = time.perf_counter()
     try:
+        distributed.join_from_flags()
         results = evaluate_workdir(
             _WORKDIR.value, lengths=_numbers(_LENGTHS, int), methods=_METHODS.value,
             num_tokens=_NUM_TOKENS.value, stride=_STRIDE.value,
@@ -70,6 +75,8 @@ def main(argv):
             bin_spacing=_BIN_SPACING.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if jax.process_index() > 0:
+        return
     output_dir = _OUTPUT_DIR.value or pathlib.Path(_WORKDIR.value) / "extrapolation"
     paths = report.write_outputs(results, output_dir)
     print(f"Evaluated in {time.perf_counter() - tick:.0f} s; wrote:")

@@ -4,7 +4,9 @@
         --max_new_tokens=200 --temperature=0.8 --top_p=0.95 --seed=0
 
 `--temperature=0` is greedy. Generation stops at the end-of-text token or after
-`--max_new_tokens`; the prompt and continuation are printed.
+`--max_new_tokens`; the prompt and continuation are printed. Launched as several
+processes (see scripts/train.py), each process generates the same text with the same seed
+and process 0 prints it.
 """
 
 import sys
@@ -12,6 +14,7 @@ import sys
 import jax
 from absl import app, flags
 
+from longjax import distributed
 from longjax.data import tokenizer
 from longjax.generate import generate, load_model
 
@@ -25,6 +28,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the sampling.")
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", 512, "Prompts longer than this are prefilled in chunks of this size.")
 flags.mark_flags_as_required(["workdir"])
+distributed.define_flags()
 
 
 def continuation(workdir, prompt, *, max_new_tokens, temperature, top_k, top_p, seed,
@@ -41,13 +45,15 @@ def continuation(workdir, prompt, *, max_new_tokens, temperature, top_k, top_p, 
 def main(argv):
     del argv
     try:
+        distributed.join_from_flags()
         text = continuation(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                             temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                             top_p=_TOP_P.value, seed=_SEED.value,
                             prefill_chunk=_PREFILL_CHUNK.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(_PROMPT.value + text)
+    if jax.process_index() == 0:
+        print(_PROMPT.value + text)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Modules annotate parameters and activations with logical names (`batch`, `length`,
 `embed`, `heads`, ...); `LOGICAL_RULES` maps them onto mesh axes, so one model runs on
 1 CPU, 8 simulated devices, a GPU or a TPU slice by changing only the mesh sizes.
-Multi-host: every process calls `initialize_distributed` first, then builds the same
-mesh over all processes' devices (`jax.devices()` is global after initialisation).
+Multi-host: every process joins the run first (`longjax.distributed.join`), then builds
+the same mesh over all processes' devices (`jax.devices()` is global after joining).
 """
 
 from __future__ import annotations
@@ -53,19 +53,6 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
         raise ValueError(f"config.parallel mesh {shape} needs {int(np.prod(list(shape.values())))} "
                          f"devices; {num_devices} are available")
     return shape
-
-
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
-                           cpu_devices: int | None = None) -> None:
-    """Joins a multi-process run (`jax.distributed`); call before any other JAX work.
-
-    On CPU, `cpu_devices` simulates that many devices in this process and cross-process
-    collectives use gloo.
-    """
-    if cpu_devices is not None:
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -56,8 +56,9 @@ class Checkpointer:
         return restored["state"], restored["data"]
 
     def write_config(self) -> None:
+        """`config.json` in the workdir (by process 0), unless it is there."""
         path = self.workdir / "config.json"
-        if not path.exists():
+        if jax.process_index() == 0 and not path.exists():
             path.write_text(self.config.to_json(indent=2))
 
     def _check_config(self) -> None:

@@ -56,13 +56,28 @@ def summarize(sums) -> dict[str, float]:
     }
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Global numpy batch -> arrays sharded over (data x fsdp, sequence); multi-host safe."""
+def process_rows(mesh, batch_size: int) -> np.ndarray:
+    """Indices of the rows of a global batch of `batch_size` rows that this process's
+    devices hold (in order; all rows when one process holds the whole mesh)."""
+    shards = batch_sharding(mesh).addressable_devices_indices_map(
+        (batch_size, mesh.shape["sequence"]))
+    spans = sorted({idx[0].indices(batch_size)[:2] for idx in shards.values()})
+    return np.concatenate([np.arange(start, stop) for start, stop in spans])
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh, *,
+              batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Numpy batch -> global arrays sharded over (data x fsdp, sequence).
+
+    `batch` holds the rows `process_rows(mesh, batch_size)` of a global batch of
+    `batch_size` rows; without `batch_size` it is the whole global batch (every process
+    passes the same one).
+    """
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_callback(batch[k].shape, sharding, lambda idx, a=batch[k]: a[idx])
-        for k in BATCH_KEYS
-    }
+    rows = len(batch["tokens"]) if batch_size is None else batch_size
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k],
+                                                      (rows, *batch[k].shape[1:]))
+            for k in BATCH_KEYS}
 
 
 def make_train_step(config, model, mesh):
