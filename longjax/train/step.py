@@ -14,7 +14,9 @@ from longjax.parallel.mesh import LOGICAL_RULES, batch_sharding, replicated
 from longjax.train.optimizer import learning_rate_schedule, make_optimizer
 from longjax.train.state import state_shardings
 
-BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
+BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "weights": np.float32,
+                "segment_ids": np.int32, "positions": np.int32}
+BATCH_KEYS = tuple(BATCH_DTYPES)
 
 
 def loss_and_sums(params, batch, model):
@@ -80,6 +82,14 @@ def put_batch(batch: dict[str, np.ndarray], mesh, *,
             for k in BATCH_KEYS}
 
 
+def abstract_batch(mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch `[batch_size, seq_len]` as `jax.ShapeDtypeStruct`s with the batch
+    sharding of `mesh` (for ahead-of-time compilation)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), BATCH_DTYPES[k], sharding=sharding)
+            for k in BATCH_KEYS}
+
+
 def make_train_step(config, model, mesh):
     """`train_step(state, batch) -> (state, metrics)`, jitted with the mesh's shardings."""
     optimizer = make_optimizer(config.train)
@@ -103,6 +113,11 @@ def make_train_step(config, model, mesh):
         with jax.set_mesh(mesh):
             return jitted(state, batch)
 
+    def lower(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted.lower(state, batch)
+
+    train_step.lower = lower  # ahead-of-time: lower(abstract state, abstract batch)
     return train_step
 
 
