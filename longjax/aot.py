@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import pathlib
 import re
 
 import jax
@@ -193,10 +194,29 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return {kind: counts.get(kind, 0) for kind in COLLECTIVES}
 
 
-def step_report(compiled: jax.stages.Compiled, devices) -> dict[str, float]:
+def hlo_text(compiled: jax.stages.Compiled, dump_dir: str | None = None) -> str:
+    """The optimised HLO of `compiled`; where the executable cannot print it (libtpu
+    0.0.52 fails on modules with async-update instructions), the compiler's
+    `*.after_optimizations.txt` from `dump_dir` (XLA_FLAGS=--xla_dump_to=dump_dir set
+    before JAX started), the newest of the module's name."""
+    try:
+        return compiled.as_text()
+    except jax.errors.JaxRuntimeError:
+        if dump_dir is None:
+            raise
+    dumps = sorted(pathlib.Path(dump_dir).glob("*.after_optimizations.txt"),
+                   key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise ValueError(f"no *.after_optimizations.txt in {dump_dir}")
+    return dumps[-1].read_text()
+
+
+def step_report(compiled: jax.stages.Compiled, devices, hlo: str | None = None
+                ) -> dict[str, float]:
     """Per device: memory (arguments, outputs, aliased between them, temporaries, code,
     and `total` = arguments + outputs - aliased + temporaries + code) against `hbm`;
-    the compiler's `flops` and `bytes_accessed`; collective bytes by kind."""
+    the compiler's `flops` and `bytes_accessed`; collective bytes by kind (of `hlo`,
+    default `compiled.as_text()`)."""
     memory = compiled.memory_analysis()
     report = {
         "arguments": memory.argument_size_in_bytes,
@@ -212,5 +232,5 @@ def step_report(compiled: jax.stages.Compiled, devices) -> dict[str, float]:
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     report["flops"] = float(cost.get("flops", float("nan")))
     report["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
-    report.update(collective_bytes(compiled.as_text()))
+    report.update(collective_bytes(compiled.as_text() if hlo is None else hlo))
     return report

@@ -13,9 +13,16 @@ remat come from the config, as `scripts/train.py` would run it on that slice.
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this host compiles; it runs nothing
+# The compiler's optimised HLO also goes to a folder, for modules the executable cannot
+# print (see longjax.aot.hlo_text); set before JAX starts.
+DUMP_DIR = tempfile.mkdtemp(prefix="aot_compile_")
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP_DIR} "
+                           "--xla_dump_hlo_module_re=jit_step").strip()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -60,7 +67,8 @@ def main(argv):
     try:
         devices = aot.topology_devices(_TOPOLOGY.value)
         compile_step = aot.compile_decode_step if _DECODE.value else aot.compile_train_step
-        report = aot.step_report(compile_step(config, devices), devices)
+        compiled = compile_step(config, devices)
+        report = aot.step_report(compiled, devices, aot.hlo_text(compiled, DUMP_DIR))
     except ValueError as e:
         sys.exit(f"error: {e}")
     except aot.DoesNotFit as e:
@@ -77,4 +85,7 @@ def main(argv):
 
 if __name__ == "__main__":
     check_config_overrides(sys.argv)
-    app.run(main)
+    try:
+        app.run(main)
+    finally:
+        shutil.rmtree(DUMP_DIR, ignore_errors=True)
