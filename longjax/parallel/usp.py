@@ -1,13 +1,13 @@
 """USP: Ulysses inside groups of devices, ring attention across the groups.
 
 Fang & Zhao 2024, "USP: A Unified Sequence Parallelism Approach for Long Context
-Generative AI". The P devices of the sequence axis form R = P / U groups of U consecutive devices (U is
-the Ulysses degree), each group one ring shard. Tokens are laid out over the R ring shards (`layout`), each ring
-shard's tokens split contiguously over its U devices. One all-to-all inside each group
-gives every device all `U T` tokens of its ring shard for `H / U` heads; ring attention
-over the R groups runs on those; a second all-to-all returns the output to sequence
-shards. Heads need only divide by U (Ulysses alone needs `H % P == 0`), and the ring takes
-R steps instead of P.
+Generative AI". The P devices of the sequence axis form R = P / U groups of U consecutive
+devices (U is the Ulysses degree), each group one ring shard. Tokens are laid out over
+the R ring shards (`layout`), each ring shard's tokens split contiguously over its U
+devices. One all-to-all inside each group gives every device all `U T` tokens of its ring
+shard for `H / U` heads; ring attention across the R groups runs on those; a second
+all-to-all returns the output to sequence shards. Heads need only divide by U (Ulysses
+alone needs `H % P == 0`), and the ring takes R steps instead of P.
 """
 
 from __future__ import annotations
