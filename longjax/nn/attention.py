@@ -65,7 +65,8 @@ class AttentionMixer(nn.Module):
 
     Without a cache, when the current mesh (`jax.set_mesh`) has a `sequence` axis of size
     > 1, attention runs sequence-parallel with strategy `sequence_parallel` ("ring",
-    "all_gather", "ulysses") and token `layout` ("zigzag", "contiguous", "striped").
+    "all_gather", "ulysses", or "usp" with Ulysses groups of `ulysses_degree` devices) and
+    token `layout` ("zigzag", "contiguous", "striped").
     """
 
     num_heads: int
@@ -89,6 +90,7 @@ class AttentionMixer(nn.Module):
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
     sequence_parallel: str = "ring"
+    ulysses_degree: int | None = None
     layout: str = "zigzag"
     cache_mode: str = "full"
 
@@ -194,6 +196,7 @@ class AttentionMixer(nn.Module):
                                  f"{[*ROTARY, 'none']}; got {self.position!r}")
             out = sequence_parallel_attention(
                 q, k, v, mesh=mesh, strategy=self.sequence_parallel, layout=self.layout,
+                ulysses_degree=self.ulysses_degree,
                 causal=True, segment_ids=segment_ids, **options)
         else:
             score_pos = positions[:1] if shared_positions else positions
@@ -420,7 +423,7 @@ def _write_slots(cache, new, num_sinks, window):
               "train_length": None,
               "logn_scaling": False, "self_extend_group": 0, "self_extend_window": 0,
               "t5_num_buckets": 32, "t5_max_distance": 128, "sequence_parallel": "ring",
-              "layout": "zigzag", "cache_mode": "full"},
+              "ulysses_degree": None, "layout": "zigzag", "cache_mode": "full"},
 )
 def build_attention(model, options, **module_kwargs):
     options = {**options, "rope_scaling_params": positions_lib.canonical_rope_params(
