@@ -13,6 +13,7 @@ and the bytes each kind of collective moves per step (`collective_bytes` of the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import pathlib
 import re
@@ -36,9 +37,26 @@ class DoesNotFit(Exception):
     """The TPU compiler ran out of HBM for the step (its message says how much it needed)."""
 
 
+@contextlib.contextmanager
+def _without_cpu_xla_flags():
+    """XLA_FLAGS without `--xla_cpu_*` while the TPU compiler starts: libtpu reads
+    XLA_FLAGS at its first compile and aborts the process on a flag it does not know (the
+    host's CPU backend has read them already)."""
+    flags = os.environ.get("XLA_FLAGS")
+    if flags is not None:
+        os.environ["XLA_FLAGS"] = " ".join(f for f in flags.split()
+                                           if not f.startswith("--xla_cpu_"))
+    try:
+        yield
+    finally:
+        if flags is not None:
+            os.environ["XLA_FLAGS"] = flags
+
+
 def _compile(lowered) -> jax.stages.Compiled:
     try:
-        return lowered.compile()
+        with _without_cpu_xla_flags():
+            return lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" in str(e):
             raise DoesNotFit(str(e).splitlines()[0]) from e
@@ -49,6 +67,8 @@ def topology_devices(name: str) -> list[jax.Device]:
     """The devices of TPU slice `name` ("v5e:2x2", "v5p:4x4x4", "v6e:16x16", ...) as the
     installed libtpu describes it, to compile for from a host without TPUs."""
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # one host compiles for all
+    # Compiling uses no chip: other processes may load libtpu too (no lockfile)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
@@ -127,6 +147,16 @@ def compile_decode_step(config, devices) -> jax.stages.Compiled:
                      out_shardings=(token_sharding, cache_shardings), donate_argnums=3)
     with jax.set_mesh(mesh):
         return _compile(jitted.lower(params, token, token, cache))
+
+
+def compile_on_one_device(fn, args, device) -> jax.stages.Compiled:
+    """`jax.jit(fn)` compiled for `args` (`jax.ShapeDtypeStruct`s) on one `device` of a
+    topology, under a one-device mesh: a Pallas TPU (Mosaic) kernel asks the mesh which
+    chip it is built for."""
+    one = jax.sharding.SingleDeviceSharding(device)
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one) for a in args]
+    with jax.set_mesh(jax.sharding.Mesh([device], ("x",))):
+        return _compile(jax.jit(fn).lower(*args))
 
 
 def _array_bytes(types: str) -> list[int]:

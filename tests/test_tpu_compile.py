@@ -1,7 +1,13 @@
-"""The real TPU compiler (libtpu, ahead of time for a topology, on this CPU host):
-`scripts/aot_compile.py` compiles a training step sharded over data and sequence and
-reports its memory and collectives; a step that does not fit exits non-zero; the
+"""The real TPU compiler (libtpu, ahead of time for a topology, on this CPU host): the
+Pallas TPU kernels through the public ops (`impl="pallas"`), forward and backward, for
+v5e and v6e (v4 and v5p at one case each), and their refusals of blocks the TPU cannot
+take; `scripts/aot_compile.py` compiles a training step sharded over data and sequence
+and reports its memory and collectives; a step that does not fit exits non-zero; the
 collective-bytes reader against a hand-counted HLO module.
+
+Compiling on 2 CPU cores is slow, so the kernel cases are the lowering tests' (tests/
+test_lowering.py: every feature and width class once) on v5e, three on v6e and one of
+each kernel on v4 and v5p.
 """
 
 import json
@@ -9,13 +15,65 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from test_lowering import ATTENTION, SCAN, _attention_case, _scan_case, value_and_grads
 
 from longjax import aot
+from longjax.ops.attention import dot_product_attention
 
 from conftest import REPO
 
 SMALL = "d_model=64,num_layers=2,seq_len=256,batch_size=4,dtype=bfloat16"
+
+
+TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+KERNEL_CASES = ([("v5e", "attention", n) for n in ATTENTION] + [("v5e", "scan", n) for n in SCAN]
+                + [("v6e", "attention", n) for n in list(ATTENTION)[:2]]
+                + [("v6e", "scan", "d768_n16_z_D")]
+                + [(g, kind, n) for g in ("v4", "v5p")
+                   for kind, n in (("attention", "mha_causal_bf16_d128"),
+                                   ("scan", "d768_n16_z_D"))])
+
+
+def _compile(fn, args, generation):
+    device = aot.topology_devices(TOPOLOGIES[generation])[0]
+    return aot.compile_on_one_device(fn, args, device)
+
+
+# Mosaic on v5e and v6e has no fp16 vector loads ("Invalid vector type for load" of
+# vector<8x128x2xf16>): the fp16 flash-attention kernel lowers but cannot compile there.
+FP16_REFUSED = {("v5e", "gqa_window_sinks_fp16_d64"), ("v6e", "gqa_window_sinks_fp16_d64")}
+KERNEL_CASES = [pytest.param(*case, marks=pytest.mark.xfail(
+    raises=jax.errors.JaxRuntimeError, strict=True, reason="fp16 flash attention on TPU"))
+    if (case[0], case[2]) in FP16_REFUSED else case for case in KERNEL_CASES]
+
+
+@pytest.mark.parametrize("generation, kernel, name", KERNEL_CASES)
+def test_pallas_tpu_kernel_compiles_forward_and_backward(generation, kernel, name):
+    fn, args = (_attention_case if kernel == "attention" else _scan_case)(name)
+    text = _compile(fn, args, generation).as_text()
+    # attention: forward, dq and dk/dv kernels; scan: forward and backward
+    assert text.count('custom_call_target="tpu_custom_call"') == (3 if kernel == "attention"
+                                                                  else 2)
+
+
+def _attention_with_blocks(T, D, dtype, block):
+    fn = value_and_grads(lambda q, k, v: dot_product_attention(
+        q, k, v, causal=True, impl="pallas", block_q=block, block_k=block), 3)
+    return fn, [jax.ShapeDtypeStruct((1, T, 1, D), dtype)] * 3
+
+
+def test_blocks_the_tpu_refuses_fail():
+    # Mosaic tiles are 8 x 128: a block of 100 keys is refused while lowering
+    with pytest.raises(ValueError, match="divisible by 8 and 128"):
+        _compile(*_attention_with_blocks(256, 128, jnp.bfloat16, 100), "v5e")
+    # 2048 x 2048 fp32 tiles of head_dim 256 lower, but overflow the core's VMEM: only
+    # the compiler sees it
+    with pytest.raises(aot.DoesNotFit, match="CompileTimeScopedVmemOom"):
+        _compile(*_attention_with_blocks(4096, 256, jnp.float32, 2048), "v5e")
+    _compile(*_attention_with_blocks(256, 128, jnp.bfloat16, 128), "v5e")  # tiles it takes
 
 
 def _aot_compile(arg, *flags):

@@ -118,7 +118,7 @@ def make_train_step(config, model, mesh):
             return jitted(*jax.device_put((state, batch), in_shardings))
 
     def lower(state, batch):
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(auto_axes(mesh)):
             return jitted.lower(state, batch)
 
     train_step.lower = lower  # ahead-of-time: lower(abstract state, abstract batch)
