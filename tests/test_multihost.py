@@ -164,6 +164,8 @@ def test_two_process_training_killed_and_restarted_resumes_exactly(text_folder, 
         outs = _communicate(_start_training(workdir, text_folder))
         assert "validation: loss" in outs[0] and "loss" not in outs[1]  # process 0 prints
     assert _curve(killed) == _curve(unbroken)
+    records = [(r["step"], r["split"]) for r in read_metrics(unbroken)]
+    assert len(set(records)) == len(records)  # one writer: process 0
     for a, b in zip(_final_params(killed, 60), _final_params(unbroken, 60), strict=True):
         np.testing.assert_array_equal(a, b)
 
