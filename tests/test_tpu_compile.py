@@ -72,7 +72,7 @@ def test_blocks_the_tpu_refuses_fail():
     # 2048 x 2048 fp32 tiles of head_dim 256 lower, but overflow the core's VMEM: only
     # the compiler sees it
     with pytest.raises(aot.DoesNotFit, match="CompileTimeScopedVmemOom"):
-        _compile(*_attention_with_blocks(4096, 256, jnp.float32, 2048), "v5e")
+        _compile(*_attention_with_blocks(2048, 256, jnp.float32, 2048), "v5e")
     _compile(*_attention_with_blocks(256, 128, jnp.bfloat16, 128), "v5e")  # tiles it takes
 
 
