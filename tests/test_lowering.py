@@ -21,13 +21,14 @@ from longjax.ops.selective_scan import selective_scan
 
 TPU_KINDS = {"v4": ("TPU v4", 2), "v5e": ("TPU v5 lite", 1), "v5p": ("TPU v5p", 2),
              "v6e": ("TPU v6 lite", 1)}
+GPU_PLATFORMS = ("cuda", "rocm")
 TARGETS = ("cuda",) + tuple(TPU_KINDS)
 
 
 @contextlib.contextmanager
 def _target_device(target):
     """Pins the TPU generation the Mosaic lowering asks for (nothing to pin for cuda)."""
-    if target == "cuda":
+    if target in GPU_PLATFORMS:
         yield
         return
     kind, cores = TPU_KINDS[target]
@@ -38,15 +39,15 @@ def _target_device(target):
 
 
 def lower(fn, args, target):
-    """StableHLO text of `fn` lowered for `target` ("cuda" or a TPU generation)."""
-    platform = "cuda" if target == "cuda" else "tpu"
+    """StableHLO text of `fn` lowered for `target` (a GPU platform or a TPU generation)."""
+    platform = target if target in GPU_PLATFORMS else "tpu"
     with _target_device(target):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def _kernel_calls(text, target):
     """How many kernels the lowered text calls: Triton kernels on cuda, Mosaic on TPU."""
-    name = "__gpu$xla.gpu.triton" if target == "cuda" else "tpu_custom_call"
+    name = "__gpu$xla.gpu.triton" if target in GPU_PLATFORMS else "tpu_custom_call"
     return text.count(f"custom_call @{name}(")
 
 
@@ -109,7 +110,7 @@ def test_flash_attention_lowers(name, target):
 
 # (d_inner, state N, dtype, T, z, D, initial state): Mamba's widths (d_inner 768 .. 5120).
 SCAN = {
-    "d768_n16_z_D": (768, 16, F32, 100, True, True, False),
+    "d768_n16_z_D_fp16": (768, 16, F16, 100, True, True, False),
     "d1536_n32_h0_bf16": (1536, 32, BF16, 64, False, False, True),
     "d2560_n64_z_D_h0": (2560, 64, F32, 130, True, True, True),
     "d5120_n16_bf16": (5120, 16, BF16, 40, False, False, False),
@@ -137,6 +138,15 @@ def test_selective_scan_lowers(name, target):
     fn, args = _scan_case(name)
     text = lower(fn, args, target)
     assert _kernel_calls(text, target) == 2  # forward, backward
+
+
+@pytest.mark.parametrize("target", ["cuda", "rocm", "v5e", "v6e"])
+def test_forward_alone_lowers(target):
+    """Inference: the forward kernel alone (and ROCm, which takes the Triton kernels)."""
+    for case, name in ((_attention_case, "mha_causal_bf16_d128"),
+                       (_scan_case, "d5120_n16_bf16")):
+        fn, args = case(name)
+        assert _kernel_calls(lower(lambda *a, fn=fn: fn(*a)[0], args, target), target) == 1
 
 
 def test_one_jitted_function_lowers_for_gpu_and_tpu():
