@@ -5,7 +5,8 @@ for `cuda` and the Mosaic lowering for TPU, which refuse what the interpreter ac
 block shapes a target cannot tile, kernels without their backend's compiler parameters
 (JAX 0.10 sends a GPU kernel without Triton parameters to Mosaic GPU), ops a target
 lacks. The TPU lowering asks for the chip generation, pinned here by an abstract device.
-Each case lowers one function holding the forward and the backward kernels; the matrix
+Each case lowers one function holding the forward and the backward kernels (attention,
+ring-attention tiles in `shard_map`, the selective scan); the matrix
 covers every feature and width class once per target, not their product.
 """
 
@@ -15,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax._src import mesh as mesh_lib
+from jax.sharding import PartitionSpec as P
 
 from longjax.ops.attention import dot_product_attention
 from longjax.ops.selective_scan import selective_scan
+from longjax.parallel.ring_attention import ring_attention
 
 TPU_KINDS = {"v4": ("TPU v4", 2), "v5e": ("TPU v5 lite", 1), "v5p": ("TPU v5p", 2),
              "v6e": ("TPU v6 lite", 1)}
@@ -25,16 +28,19 @@ GPU_PLATFORMS = ("cuda", "rocm")
 TARGETS = ("cuda",) + tuple(TPU_KINDS)
 
 
+def _abstract_mesh(target, size=1, axis="x"):
+    """A mesh of `size` devices of `target`: the TPU generation is the one the Mosaic
+    lowering asks for (nothing to pin for a GPU)."""
+    device = None
+    if target not in GPU_PLATFORMS:
+        kind, cores = TPU_KINDS[target]
+        device = mesh_lib.AbstractDevice(device_kind=kind, num_cores=cores, platform="tpu")
+    return jax.sharding.AbstractMesh((size,), (axis,), abstract_device=device)
+
+
 @contextlib.contextmanager
 def _target_device(target):
-    """Pins the TPU generation the Mosaic lowering asks for (nothing to pin for cuda)."""
-    if target in GPU_PLATFORMS:
-        yield
-        return
-    kind, cores = TPU_KINDS[target]
-    device = mesh_lib.AbstractDevice(device_kind=kind, num_cores=cores, platform="tpu")
-    with jax.sharding.use_abstract_mesh(
-            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(target)):
         yield
 
 
@@ -176,3 +182,20 @@ def test_kernel_limits_on_both_platforms_raise_at_trace():
     fn = lambda *a: selective_scan(*a, impl="pallas", chunk_size=48)  # noqa: E731
     with pytest.raises(ValueError, match="chunk_size must be in 1..32.*multiple of 128"):
         jax.jit(fn).trace(*_scan_args(768, 16))
+
+
+@pytest.mark.parametrize("target", ["cuda", "v5e"])
+def test_ring_attention_tiles_lower(target):
+    """Ring attention's Pallas tiles inside `shard_map` over 4 sequence shards."""
+    mesh = _abstract_mesh(target, size=4, axis="sequence")
+    ring = jax.shard_map(
+        lambda q, k, v: ring_attention(q, k, v, axis_name="sequence", causal=True,
+                                       impl="pallas"),
+        mesh=mesh, in_specs=P(None, "sequence"), out_specs=P(None, "sequence"),
+        check_vma=False)
+    platform = target if target in GPU_PLATFORMS else "tpu"
+    args = [S((1, 512, 4, 64), BF16), S((1, 512, 2, 64), BF16), S((1, 512, 2, 64), BF16)]
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(value_and_grads(ring, 3)).trace(*args).lower(
+            lowering_platforms=(platform,)).as_text()
+    assert _kernel_calls(text, target) == 3  # the tile's forward, dq, dk/dv
