@@ -604,10 +604,10 @@ def dot_product_attention(
                 block_k=block_k)
     if impl != "auto":
         _check_dtype(impl, q, k, v)
-    if impl == "cudnn" and not cudnn_ok:
+    if impl == "cudnn" and not (cudnn_ok and impl_lib.cudnn_available()):
         raise ValueError(
-            "impl='cudnn' needs bf16/fp16 inputs and no softcap, num_sinks, segment_ids, "
-            "positions, alibi_slopes or return_lse")
+            "impl='cudnn' needs cuDNN (a CUDA jaxlib), bf16/fp16 inputs and no softcap, "
+            "num_sinks, segment_ids, positions, alibi_slopes or return_lse")
     return impl_lib.run("attention", impl, lambda name: _attention(q, k, v, name, **args),
                         query_length=q.shape[1], cudnn_supported=cudnn_ok)
 
