@@ -11,7 +11,9 @@ def test_quick_selfcheck_records_its_tables(tmp_path, capsys):
     for op, impl in [("attention", "split_kv"), ("selective_scan", "xla"), ("ssd", "xla"),
                      ("linear_attention", "xla")]:
         assert f"| {op} | {impl} | 256 |" in text
-    assert "| attention | segments | xla | bfloat16 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| attention | segments | xla | float32 |" in out
+    assert "| attention | causal | split_kv | bfloat16 |" in out
 
 
 def test_a_wrong_implementation_fails_its_check(monkeypatch):
