@@ -43,6 +43,7 @@ from longjax.nn.position_bias import FireBias, KerpleLogBias, T5Bias
 from longjax.nn.registry import register_mixer
 from longjax.ops import positions as positions_lib
 from longjax.ops.attention import alibi_bias, dot_product_attention, merge_attention
+from longjax.parallel.mesh import sequence_mesh
 from longjax.parallel.sequence_parallel import sequence_parallel_attention
 
 CACHE_MODES = ("full", "rolling", "streaming", "lm_infinite")
@@ -189,8 +190,8 @@ class AttentionMixer(nn.Module):
         q, k = self._query(q, positions, enc), self._key(k, positions, enc)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         options.update(window=self.window, num_sinks=self.num_sinks)
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.shape.get("sequence", 1) > 1:
+        mesh = sequence_mesh()
+        if mesh is not None:
             if self.position not in (*ROTARY, "none"):
                 raise ValueError(f"sequence-parallel attention supports {_OPTIONS}.position in "
                                  f"{[*ROTARY, 'none']}; got {self.position!r}")
