@@ -18,8 +18,7 @@ from longjax.nn.layers import RMSNorm, dense
 from longjax.nn.linear import ShortConv, empty_conv_cache
 from longjax.nn.registry import register_mixer
 from longjax.ops import s4 as s4_lib
-from longjax.ops.selective_scan import selective_scan
-from longjax.ops.ssd import ssd
+from longjax.parallel import recurrent
 
 
 def _segments(segment_ids, x):
@@ -114,7 +113,7 @@ class MambaMixer(nn.Module):
             jnp.broadcast_to(jnp.arange(1, N + 1, dtype=d), s)), (E, N), ("mlp", "ssm_state"))
         D = _param(self, "D", nn.initializers.ones, (E,), ("mlp",))
         initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
-        y, state = selective_scan(
+        y, state = recurrent.selective_scan(
             u, dt, -jnp.exp(A_log), Bm, Cm, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
             initial_state=initial, return_final_state=True, segment_ids=segment_ids,
             impl=_step_impl(self.impl, cache, T), chunk_size=self.chunk_size)
@@ -184,10 +183,11 @@ class Mamba2Mixer(nn.Module):
         D = _param(self, "D", nn.initializers.ones, (H,), ("heads",))
         dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias)
         initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
-        y, state = ssd(u.reshape(B, T, H, P), dt, -jnp.exp(A_log), Bm.reshape(B, T, G, N),
-                       Cm.reshape(B, T, G, N), chunk_size=self.chunk_size, D=D,
-                       initial_state=initial, return_final_state=True,
-                       segment_ids=segment_ids, impl=_step_impl(self.impl, cache, T))
+        y, state = recurrent.ssd(
+            u.reshape(B, T, H, P), dt, -jnp.exp(A_log), Bm.reshape(B, T, G, N),
+            Cm.reshape(B, T, G, N), chunk_size=self.chunk_size, D=D, initial_state=initial,
+            return_final_state=True, segment_ids=segment_ids,
+            impl=_step_impl(self.impl, cache, T))
         y = y.reshape(B, T, E) * nn.silu(z)
         y = RMSNorm(self.norm_eps, self.dtype, name="norm")(y)
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)
@@ -276,13 +276,13 @@ class S4Mixer(nn.Module):
             initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
             if p is None:
                 Ab, Bb = s4_lib.discretize(Lambda, Bc, dt, self.discretization)
-                y, state = s4_lib.s4d_recurrence(x, Ab, Bb, C, initial_state=initial,
-                                                 segment_ids=segment_ids,
-                                                 impl=_step_impl("auto", cache, T))
+                y, state = recurrent.s4d_recurrence(x, Ab, Bb, C, initial_state=initial,
+                                                    segment_ids=segment_ids,
+                                                    impl=_step_impl("auto", cache, T))
             else:
                 Ab, Bb = s4_lib.s4_dense(Lambda, p, Bc, dt)
-                y, state = s4_lib.s4_recurrence(x, Ab, Bb, C, initial_state=initial,
-                                                segment_ids=segment_ids)
+                y, state = recurrent.s4_recurrence(x, Ab, Bb, C, initial_state=initial,
+                                                   segment_ids=segment_ids)
         y = nn.gelu(y + D * x.astype(jnp.float32)).astype(self.dtype)
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)
         if cache is not None:
