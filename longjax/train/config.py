@@ -15,6 +15,7 @@ from ml_collections import config_dict
 from longjax.data import decomposition, tokenizer
 from longjax.data.sources import SOURCES
 from longjax.nn import registry
+from longjax.nn.layers import MLPS
 from longjax.nn.pattern import layer_mixers
 from longjax.nn.position_bias import ABSOLUTE_EMBEDDINGS
 from longjax.train import stages as stages_lib
@@ -39,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
         # Absolute positions added to the embeddings: "none" | "sinusoidal" | "learned"
         # (a table of max_position rows); relative schemes are attention options.
         position_embedding="none", max_position=0,
+        # Block and head variants (longjax.nn.lm; the Hugging Face families need them):
+        # mlp "swiglu" | "geglu" | "none", post-norms, embeddings times sqrt(d_model),
+        # tied logits divided by sqrt(d_model), final logit soft-cap.
+        mlp="swiglu", post_norms=False, scale_embeddings=False, scale_tied_logits=True,
+        final_logit_softcap=config_dict.placeholder(float),
     ))
     c.model.mixer_options = ml_collections.ConfigDict({
         name: {k: _option_value(v) for k, v in registry.mixer_defaults(name).items()}
@@ -63,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
         # ...) run in order, steps summing to `steps`; () trains at data.seq_len throughout.
         stages=(),
     ))
+    # Start from a Hugging Face checkpoint directory (longjax.hf): its config.json replaces
+    # config.model, its weights the initial parameters ("" = random initialisation).
+    c.init = ml_collections.ConfigDict(dict(hf=""))
     c.eval = ml_collections.ConfigDict(dict(every_steps=250, num_batches=-1, batch_size=32))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, keep=2))
     c.parallel = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
@@ -166,8 +175,11 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
              num_sequence_shards: int = 1) -> None:
     """Raises ValueError naming the first bad field and what is allowed."""
     m, d, t = config.model, config.data, config.train
+    if m.mlp not in MLPS:
+        raise ValueError(f"config.model.mlp={m.mlp!r}; allowed: {list(MLPS)}")
+    _positive(config, *(["model.mlp_dim"] if m.mlp != "none" else []))
     _positive(config, "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
-              "model.num_kv_heads", "model.mlp_dim", "data.seq_len", "data.batch_size",
+              "model.num_kv_heads", "data.seq_len", "data.batch_size",
               "train.steps", "train.learning_rate", "train.log_every", "eval.every_steps",
               "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep")
     if m.vocab_size < tokenizer.VOCAB_SIZE:
