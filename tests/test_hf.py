@@ -13,52 +13,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_models import ATTENTION, FAMILIES, VOCAB, make_hf_model  # noqa: E402
+
 from longjax import hf  # noqa: E402
 from longjax.generate import generate  # noqa: E402
 from longjax.hf import weights  # noqa: E402
 from longjax.nn import DecoderLM  # noqa: E402
 from longjax.train.config import base_config  # noqa: E402
-
-VOCAB = 128
-_ATTENTION = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.2)
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_ATTENTION, rope_theta=500.0)),
-    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", dict(_ATTENTION, attention_bias=True,
-                                                            tie_word_embeddings=True)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_ATTENTION, sliding_window=5)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_ATTENTION)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        _ATTENTION, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-        attn_logit_softcapping=4.0, final_logit_softcapping=6.0)),
-    "mamba": ("MambaConfig", "MambaForCausalLM", dict(
-        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-        conv_kernel=4, initializer_range=0.2)),
-    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", dict(
-        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-        head_dim=16, num_heads=4, n_groups=1, chunk_size=8, conv_kernel=4,
-        initializer_range=0.2)),
-}
-
-
-def make_hf_model(family, directory, seed=0):
-    """A random transformers model of `family` (every 1-D parameter perturbed, so biases
-    and norm weights are not their zeros / ones), saved to `directory`."""
-    config_cls, model_cls, fields = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**fields)
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(0.3 * torch.randn_like(p))
-    if hasattr(model.config, "_attn_implementation"):
-        model.config._attn_implementation = "eager"
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(directory)
-    return model
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -165,7 +126,7 @@ def test_tensor_read_of_a_box_equals_the_box_of_the_whole(kind, shape, index):
 
 
 def _config(tmp_path, **fields):
-    base = {"architectures": ["LlamaForCausalLM"], **_ATTENTION, "rms_norm_eps": 1e-6}
+    base = {"architectures": ["LlamaForCausalLM"], **ATTENTION, "rms_norm_eps": 1e-6}
     (tmp_path / "config.json").write_text(json.dumps({**base, **fields}))
     return tmp_path
 
