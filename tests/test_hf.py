@@ -91,6 +91,45 @@ def test_save_then_transformers_load_gives_the_same_logits(family, tmp_path):
     assert rel_error(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens)) <= 1e-5, name
 
 
+_LONGROPE = np.random.default_rng(0)
+ROPE_CASES = {  # transformers' rope_parameters of each type (training length 16)
+    "linear": dict(max_position_embeddings=64, rope_parameters=dict(
+        rope_type="linear", factor=2.0, rope_theta=100.0)),
+    "dynamic": dict(max_position_embeddings=16, rope_parameters=dict(
+        rope_type="dynamic", factor=3.0, rope_theta=100.0)),
+    "yarn": dict(max_position_embeddings=64, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, rope_theta=100.0, original_max_position_embeddings=16,
+        beta_fast=16.0, beta_slow=2.0)),
+    "yarn_mscale": dict(max_position_embeddings=64, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, rope_theta=100.0, original_max_position_embeddings=16,
+        mscale=0.7, mscale_all_dim=0.5)),
+    "llama3": dict(max_position_embeddings=64, rope_parameters=dict(
+        rope_type="llama3", factor=4.0, rope_theta=100.0, original_max_position_embeddings=16,
+        low_freq_factor=1.0, high_freq_factor=2.0)),
+    "longrope": dict(max_position_embeddings=64, rope_parameters=dict(
+        rope_type="longrope", factor=4.0, rope_theta=100.0, original_max_position_embeddings=16,
+        short_factor=list(1 + _LONGROPE.random(4)), long_factor=list(1 + 6 * _LONGROPE.random(4)))),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_every_rope_scaling_matches_transformers(case, tmp_path):
+    """Logits within and beyond the training length (13 and 29 tokens against 16), and
+    save -> transformers load keeps the scaling."""
+    config = transformers.LlamaConfig(**{**ATTENTION, **ROPE_CASES[case]})
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(tmp_path / "in")
+    model, params = hf.load(tmp_path / "in", dtype="float32")
+    tokens = np.random.default_rng(5).integers(0, VOCAB, (2, 29))
+    for length in (13, 29):
+        ours, _ = model.apply({"params": params}, jnp.asarray(tokens[:, :length]))
+        assert rel_error(ours, hf_logits(hf_model, tokens[:, :length])) <= 1e-4, (case, length)
+    hf.save(tmp_path / "out", model, params)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert rel_error(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens)) <= 1e-5, case
+
+
 def test_sharded_checkpoint_and_mesh_load(tmp_path):
     """A checkpoint in shards (transformers' index) loads to the same parameters, also
     onto a mesh, where each parameter is placed by its logical axes."""

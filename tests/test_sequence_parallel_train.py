@@ -5,11 +5,12 @@ import functools
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from longjax.data.pipeline import make_dataset
-from longjax.parallel.mesh import batch_sharding, make_mesh
+from longjax.parallel.mesh import MESH_AXES, batch_sharding, make_mesh
 from longjax.train import build_model, create_train_state, put_batch, state_shardings
-from longjax.train.step import loss_and_sums
+from longjax.train.step import BATCH_KEYS, loss_and_sums, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,34 @@ def test_loss_and_gradients_match_one_device(setup, mesh_sizes, strategy):
     for path, got in jax.tree_util.tree_leaves_with_path(grads):
         want = flat_want[path]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "usp"])
+def test_train_step_on_a_mesh_with_explicit_axes(setup, strategy):
+    """jax.make_mesh's default mesh (explicit axes) with the batch already sharded over it
+    (data x sequence): one train step equals the one-device step."""
+    config, batch, _, _ = setup
+    config = config.copy_and_resolve_references()
+    config.model.mixer_options.attention.sequence_parallel = strategy
+    if strategy == "usp":
+        config.model.mixer_options.attention.ulysses_degree = 2
+    model = build_model(config)
+    explicit = jax.make_mesh((2, 1, 1, 4), MESH_AXES)
+    assert set(explicit.axis_types) == {jax.sharding.AxisType.Explicit}
+    sharded = jax.device_put(
+        {k: batch[k] for k in BATCH_KEYS},
+        NamedSharding(explicit, PartitionSpec(("data", "fsdp"), "sequence")))
+    results = []
+    for mesh, inputs in ((make_mesh({"data": 1}, jax.devices()[:1]), batch),
+                         (explicit, sharded)):
+        state = create_train_state(config, model, mesh, jax.random.key(0))
+        results.append(jax.device_get(make_train_step(config, model, mesh)(state, inputs)))
+    (want_state, want_metrics), (state, metrics) = results
+    np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                                 jax.tree.leaves(want_state.params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(path))
 
 

@@ -122,15 +122,20 @@ def rope_options(hf: dict) -> dict[str, Any]:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return options
-    scaling = ROPE_TYPES.get(kind)
-    if scaling not in positions.ROPE_SCALINGS or (
-            "rope_scaling_params" not in registry.mixer_defaults("attention")):
+    if kind not in ROPE_TYPES:
         raise ValueError(f"config.json rope_parameters.rope_type={kind!r} is not supported; "
-                         f"longjax scales RoPE by {list(positions.ROPE_SCALINGS)}")
-    length = params.get("original_max_position_embeddings") or hf["max_position_embeddings"]
-    extra = sorted((k, _hashable(v)) for k, v in params.items() if k not in _ROPE_NAMED)
-    return {**options, "rope_scaling": scaling, "rope_scaling_factor": float(params["factor"]),
-            "train_length": int(length), "rope_scaling_params": tuple(extra)}
+                         f"allowed: {['default', *ROPE_TYPES]}")
+    scaling = ROPE_TYPES[kind]
+    # transformers' training length: max_position_embeddings for dynamic NTK; for the
+    # others original_max_position_embeddings (top level first, as Phi-3 stores it).
+    length = hf["max_position_embeddings"] if kind == "dynamic" else (
+        hf.get("original_max_position_embeddings")
+        or params.get("original_max_position_embeddings") or hf["max_position_embeddings"])
+    factor = params.get("factor") or hf["max_position_embeddings"] / length
+    extra = tuple(sorted((k, _hashable(v)) for k, v in params.items() if k not in _ROPE_NAMED))
+    positions.rope_scaling_params(scaling, extra, where="config.json rope_parameters")
+    return {**options, "rope_scaling": scaling, "rope_scaling_factor": float(factor),
+            "train_length": int(length), "rope_scaling_params": extra}
 
 
 def _layer_windows(hf: dict, arch: str) -> list[int | None]:
@@ -249,18 +254,24 @@ def family(model) -> str:
 
 
 def _rope_fields(attention: dict) -> dict[str, Any]:
+    """`rope_parameters` (and, for dynamic NTK, the `max_position_embeddings` transformers
+    takes as its training length) of the attention options."""
     params = {"rope_type": "default", "rope_theta": attention["rope_base"]}
     if attention["rope_fraction"] != 1.0:
         params["partial_rotary_factor"] = attention["rope_fraction"]
-    if attention["rope_scaling"] != "none":
-        kind = {v: k for k, v in ROPE_TYPES.items()}.get(attention["rope_scaling"])
-        if kind is None:
-            raise ValueError(f"rope_scaling={attention['rope_scaling']!r} has no "
-                             f"transformers RoPE type; allowed: {list(ROPE_TYPES.values())}")
-        params.update(rope_type=kind, factor=attention["rope_scaling_factor"],
-                      original_max_position_embeddings=attention["train_length"])
-        params.update({k: list(v) if isinstance(v, tuple) else v
-                       for k, v in attention.get("rope_scaling_params", ())})
+    if attention["rope_scaling"] == "none":
+        return {"rope_parameters": params}
+    kind = {v: k for k, v in ROPE_TYPES.items()}.get(attention["rope_scaling"])
+    if kind is None:
+        raise ValueError(f"rope_scaling={attention['rope_scaling']!r} has no transformers "
+                         f"RoPE type; allowed: {list(ROPE_TYPES.values())}")
+    params.update(rope_type=kind, factor=attention["rope_scaling_factor"])
+    params.update({k: list(v) if isinstance(v, tuple) else v
+                   for k, v in positions.canonical_rope_params(
+                       attention["rope_scaling_params"])})
+    if kind == "dynamic":
+        return {"rope_parameters": params, "max_position_embeddings": attention["train_length"]}
+    params["original_max_position_embeddings"] = attention["train_length"]
     return {"rope_parameters": params}
 
 
@@ -342,6 +353,10 @@ def _check_round_trip(model, hf: dict) -> None:
              for k in mine if mine[k] != theirs[k]]
     for name in set(layer_mixers(model.mixer, model.num_layers)):
         mine, theirs = registry.mixer_options(name, model), registry.mixer_options(name, back)
+        for options in (mine, theirs):
+            if "rope_scaling_params" in options:  # pairs, lists or tuples
+                options["rope_scaling_params"] = positions.canonical_rope_params(
+                    options["rope_scaling_params"])
         diffs += [f"config.model.mixer_options.{name}.{k}={mine[k]!r} (as "
                   f"{hf['architectures'][0]}: {theirs[k]!r})"
                   for k in mine if k not in _RUNTIME_OPTIONS and mine[k] != theirs[k]]

@@ -2,7 +2,9 @@
 training-free context-extension methods.
 
 Positions (`position`): RoPE (`rope`, with `rope_scaling` linear / ntk / dynamic_ntk /
-yarn / llama3, see `longjax.ops.positions`), `xpos`, `alibi`, `t5` buckets, `kerple`
+yarn / llama3 / longrope and their `rope_scaling_params`, see `longjax.ops.positions`;
+dynamic_ntk and longrope take the current length, the largest position of the call + 1,
+in the full forward, chunked prefill and decode alike), `xpos`, `alibi`, `t5` buckets, `kerple`
 (log), `fire`, or `none` (NoPE; pair it with the LM's absolute embeddings for sinusoidal
 or learned positions). `logn_scaling` scales queries past `train_length` by
 log(p + 1) / log(train_length).
@@ -67,11 +69,13 @@ class AttentionMixer(nn.Module):
 
     Cache: `{"k", "v": [B, L, K, D], "segment_ids": [B, L] (0 = empty), "end": int32}`;
     tokens are written at slots `end .. end + T - 1` and attend causally by slot (keys are
-    stored rotated, or raw under Self-Extend).
+    stored rotated, or raw when their encoding depends on the reading call: see
+    `_keys_at_read`).
 
     Without a cache, when the current mesh (`jax.set_mesh`) has a `sequence` axis of size
     > 1, attention runs sequence-parallel with strategy `sequence_parallel` ("ring",
-    "all_gather", "ulysses") and token `layout` ("zigzag", "contiguous", "striped").
+    "all_gather", "ulysses", or "usp" with Ulysses groups of `ulysses_degree` devices) and
+    token `layout` ("zigzag", "contiguous", "striped").
     """
 
     num_heads: int
@@ -87,6 +91,7 @@ class AttentionMixer(nn.Module):
     rope_fraction: float = 1.0
     rope_scaling: str = "none"
     rope_scaling_factor: float = 1.0
+    rope_scaling_params: tuple = ()  # sorted (name, value) pairs, transformers' names
     train_length: int | None = None
     logn_scaling: bool = False
     self_extend_group: int = 0
@@ -94,6 +99,7 @@ class AttentionMixer(nn.Module):
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
     sequence_parallel: str = "ring"
+    ulysses_degree: int | None = None
     layout: str = "zigzag"
     cache_mode: str = "full"
     qkv_bias: bool = False
@@ -106,7 +112,8 @@ class AttentionMixer(nn.Module):
             raise ValueError(f"{_OPTIONS}.position={self.position!r}; allowed: {list(POSITIONS)}")
         positions_lib.check_rope_scaling(
             self.rope_scaling, self.rope_scaling_factor, self.train_length,
-            where=f"{_OPTIONS}.rope", length_field=f"{_OPTIONS}.train_length")
+            params=self.rope_scaling_params, where=f"{_OPTIONS}.rope",
+            length_field=f"{_OPTIONS}.train_length")
         if self.rope_scaling != "none" and self.position not in ROTARY:
             raise ValueError(f"{_OPTIONS}.rope_scaling={self.rope_scaling!r} needs a rotary "
                              f"position ({list(ROTARY)}); position={self.position!r}")
@@ -167,23 +174,32 @@ class AttentionMixer(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache["end"]
             positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        # The current length (dynamic NTK, LongRoPE), as transformers takes it.
+        length = T if shared_positions and cache is None else jnp.max(positions) + 1
+        # xPos decays relative to the centre of the call's positions (finite at any position).
+        offset = positions[:, :1] + T // 2 if self.position == "xpos" else 0
+        if self.position == "xpos" and T > positions_lib.XPOS_MAX_SPAN:
+            raise ValueError(f"{_OPTIONS}.position='xpos' encodes at most "
+                             f"{positions_lib.XPOS_MAX_SPAN} tokens per call in float32; got "
+                             f"{T} (feed longer inputs in chunks through a cache)")
+        enc = dict(length=length, offset=offset)
         options = dict(softcap=self.softcap, scale=self.scale, impl=self.impl)
         streaming_rule = self.num_sinks and self.cache_mode in ("streaming", "lm_infinite")
         if (cache is not None and self._bounded_cache()) or (cache is None and streaming_rule):
             bounded = cache if cache is not None else self.init_cache(B, 0, q.dtype)
             out, new = self._attend_bounded(q, k, v, segment_ids, positions, bounded, bias,
-                                            options)
+                                            options, enc)
             return self._out(x, out), None if cache is None else new
         if cache is not None:
             out, cache = self._attend_cached(q, k, v, segment_ids, positions, cache, bias,
-                                             options)
+                                             options, enc)
             return self._out(x, out), cache
         if self.self_extend_group:
             seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
-            out = self._self_extend(q, k, v, positions, positions, seg, seg, None, None, T,
+            out = self._self_extend(q, k, v, positions, positions, seg, seg, None, None, enc,
                                     options)
             return self._out(x, out), None
-        q, k = self._query(q, positions, T), self._key(k, positions, T)
+        q, k = self._query(q, positions, enc), self._key(k, positions, enc)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         options.update(window=self.window, num_sinks=self.num_sinks)
         mesh = jax.sharding.get_abstract_mesh()
@@ -193,6 +209,7 @@ class AttentionMixer(nn.Module):
                                  f"{[*ROTARY, 'none']}; got {self.position!r}")
             out = sequence_parallel_attention(
                 q, k, v, mesh=mesh, strategy=self.sequence_parallel, layout=self.layout,
+                ulysses_degree=self.ulysses_degree,
                 causal=True, segment_ids=segment_ids, **options)
         else:
             score_pos = positions[:1] if shared_positions else positions
@@ -233,37 +250,45 @@ class AttentionMixer(nn.Module):
             return {"bias": bias(q_positions, kv_positions)}
         return {}
 
-    def _rotate(self, x, positions, length, *, key):
-        """RoPE / xPos at `positions` with the configured scaling (`length`: the positions
-        this call can see, for dynamic NTK); YaRN's temperature on q and k."""
+    def _rotate(self, x, positions, enc, *, key):
+        """RoPE / xPos at `positions` with the configured scaling and its attention factor
+        on the rotated dims; `enc`: the call's current `length` (dynamic NTK, LongRoPE)
+        and xPos `offset`."""
         if self.position not in ROTARY or self.rope_fraction <= 0:
             return x
         inv_freq = positions_lib.rope_frequencies(
             x.shape[-1], base=self.rope_base, fraction=self.rope_fraction,
             scaling=self.rope_scaling, factor=self.rope_scaling_factor,
-            original_length=self.train_length, length=length)
+            original_length=self.train_length, length=enc["length"],
+            params=self.rope_scaling_params)
+        factor = positions_lib.rope_attention_factor(
+            self.rope_scaling, self.rope_scaling_factor, original_length=self.train_length,
+            params=self.rope_scaling_params)
         if self.position == "xpos":
-            x = positions_lib.xpos(x, positions, key=key, inv_freq=inv_freq)
-        else:
-            x = positions_lib.rope(x, positions, inv_freq=inv_freq)
-        if self.rope_scaling == "yarn":
-            x = x * jnp.asarray(positions_lib.yarn_attention_factor(self.rope_scaling_factor),
-                                x.dtype)
-        return x
+            return positions_lib.xpos(x, positions, key=key, inv_freq=inv_freq,
+                                      offset=enc["offset"], attention_factor=factor)
+        return positions_lib.rope(x, positions, inv_freq=inv_freq, attention_factor=factor)
 
-    def _query(self, q, positions, length, scheme_positions=None):
+    def _keys_at_read(self):
+        """True when a key's encoding depends on the call that reads it, so caches hold raw
+        keys encoded at every read: xPos (decay relative to the call's offset), the
+        length-dependent scalings (dynamic NTK, LongRoPE) and Self-Extend (two encodings)."""
+        return (self.position == "xpos" or bool(self.self_extend_group)
+                or self.rope_scaling in ("dynamic_ntk", "longrope"))
+
+    def _query(self, q, positions, enc, scheme_positions=None):
         """q `[B, T, H, D]` encoded at `scheme_positions` (default `positions`), with the
         log-n scale of its true `positions`."""
         sp = positions if scheme_positions is None else scheme_positions
-        q = self._rotate(q, sp, length, key=False)
+        q = self._rotate(q, sp, enc, key=False)
         if self.logn_scaling:
             q = q * positions_lib.logn_scale(positions, self.train_length).astype(q.dtype)
         return q
 
-    def _key(self, k, positions, length):
-        return self._rotate(k, positions, length, key=True)
+    def _key(self, k, positions, enc):
+        return self._rotate(k, positions, enc, key=True)
 
-    def _attend_bounded(self, q, k, v, segment_ids, positions, cache, bias, options):
+    def _attend_bounded(self, q, k, v, segment_ids, positions, cache, bias, options, enc):
         """Attention through the bounded cache; q, k `[B, T, *, D]` before encoding.
 
         The cache holds `num_sinks` sink slots (the tokens at positions `< num_sinks`) and
@@ -275,6 +300,7 @@ class AttentionMixer(nn.Module):
         num_sinks`, `s <= t`), where the query is encoded at `t` ("rolling"),
         `min(t, num_sinks + window - 1)` ("streaming") or `min(t, train_length)`
         ("lm_infinite"). With an empty cache this is the full forward under that rule.
+        Raw keys (`_keys_at_read`) are encoded at their positions when read.
         """
         B, T = q.shape[:2]
         S, W = self.num_sinks, self.window
@@ -282,7 +308,9 @@ class AttentionMixer(nn.Module):
                else segment_ids.astype(jnp.int32))
         pos = positions.astype(jnp.int32)
         dtype = cache["k"].dtype
-        k = self._key(k, pos, S + W)
+        at_read = self._keys_at_read()
+        if not at_read:
+            k = self._key(k, pos, enc)
         new = _write_slots(cache, {"k": k.astype(dtype), "v": v.astype(dtype),
                                    "positions": pos, "segment_ids": seg}, S, W)
         # Window part: the ring of the last W tokens (sink slots are masked out: s < S).
@@ -294,8 +322,10 @@ class AttentionMixer(nn.Module):
             values = jnp.concatenate([cache["v"], v.astype(dtype)], axis=1)
             kv_pos = jnp.concatenate([cache["positions"], pos], axis=1)
             kv_seg = jnp.concatenate([cache["segment_ids"], seg], axis=1)
+        if at_read:
+            keys = self._key(keys, kv_pos, enc)
         out, lse = dot_product_attention(
-            self._query(q, pos, S + W), keys.astype(q.dtype), values.astype(q.dtype),
+            self._query(q, pos, enc), keys.astype(q.dtype), values.astype(q.dtype),
             causal=True, window=W, segment_ids=seg,
             kv_segment_ids=jnp.where(kv_pos < S, 0, kv_seg), q_positions=pos,
             kv_positions=kv_pos, return_lse=True,
@@ -306,8 +336,11 @@ class AttentionMixer(nn.Module):
                           "lm_infinite": jnp.minimum(pos, self.train_length or 0)}[
                               self.cache_mode]
             sink_pos = new["positions"][:, :S]
+            sink_keys = new["k"][:, :S]
+            if at_read:
+                sink_keys = self._key(sink_keys, sink_pos, enc)
             out_s, lse_s = dot_product_attention(
-                self._query(q, pos, S + W, q_sink_pos), new["k"][:, :S].astype(q.dtype),
+                self._query(q, pos, enc, q_sink_pos), sink_keys.astype(q.dtype),
                 new["v"][:, :S].astype(q.dtype), causal=True, segment_ids=seg,
                 kv_segment_ids=new["segment_ids"][:, :S], q_positions=pos,
                 kv_positions=sink_pos, return_lse=True, **options,
@@ -316,7 +349,7 @@ class AttentionMixer(nn.Module):
         new["end"] = cache["end"] + T
         return out, new
 
-    def _attend_cached(self, q, k, v, segment_ids, positions, cache, bias, options):
+    def _attend_cached(self, q, k, v, segment_ids, positions, cache, bias, options, enc):
         """Attention through the full cache. Slots order the keys (the mask); the scheme
         sees positions, slot + (the row's position - its slot), so left padding is free.
         One query with `impl="auto"` takes the split-cache decode path
@@ -328,8 +361,8 @@ class AttentionMixer(nn.Module):
         q_slots = jnp.broadcast_to(end + jnp.arange(T), (B, T))
         kv_slots = jnp.broadcast_to(jnp.arange(L), (B, L))
         kv_pos = kv_slots + (positions[:, :1] - end)
-        if not self.self_extend_group:
-            k = self._key(k, positions, L)
+        if not self._keys_at_read():
+            k = self._key(k, positions, enc)
 
         def write(name, value):
             return jax.lax.dynamic_update_slice_in_dim(cache[name], value.astype(
@@ -340,18 +373,20 @@ class AttentionMixer(nn.Module):
         keys, values = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
         if self.self_extend_group:
             out = self._self_extend(q, keys, values, positions, kv_pos, segment_ids,
-                                    cache["segment_ids"], q_slots, kv_slots, L, options)
+                                    cache["segment_ids"], q_slots, kv_slots, enc, options)
             return out, cache
+        if self._keys_at_read():
+            keys = self._key(keys, kv_pos, enc)
         if T == 1 and options["impl"] == "auto":  # one query: the cache split, no loop
             options = {**options, "impl": "split_kv"}
         out = dot_product_attention(
-            self._query(q, positions, L), keys, values, causal=True,
+            self._query(q, positions, enc), keys, values, causal=True,
             segment_ids=segment_ids, kv_segment_ids=cache["segment_ids"],
             q_positions=q_slots, kv_positions=kv_slots, **options,
             **self._scores(bias, positions, kv_pos))
         return out, cache
 
-    def _self_extend(self, q, k, v, q_pos, kv_pos, seg, kv_seg, q_slots, kv_slots, length,
+    def _self_extend(self, q, k, v, q_pos, kv_pos, seg, kv_seg, q_slots, kv_slots, enc,
                      options):
         """Self-Extend attention of raw q `[B, T, H, D]`, k, v `[B, S, K, D]` at positions
         `q_pos`, `kv_pos` (masks at `q_slots`, `kv_slots`; None = positions): the
@@ -363,11 +398,11 @@ class AttentionMixer(nn.Module):
         common = dict(causal=True, segment_ids=seg, kv_segment_ids=kv_seg,
                       kv_positions=kv_mask, return_lse=True, **options)
         near, near_lse = dot_product_attention(
-            self._query(q, q_pos, length), self._key(k, kv_pos, length), v, window=N,
+            self._query(q, q_pos, enc), self._key(k, kv_pos, enc), v, window=N,
             q_positions=q_mask, **common)
         far, far_lse = dot_product_attention(
-            self._query(q, q_pos, length, q_pos // G + N - N // G),
-            self._key(k, kv_pos // G, length), v, q_positions=q_mask - N, **common)
+            self._query(q, q_pos, enc, q_pos // G + N - N // G),
+            self._key(k, kv_pos // G, enc), v, q_positions=q_mask - N, **common)
         return merge_attention(near, near_lse, far, far_lse)[0].astype(q.dtype)
 
 
@@ -395,14 +430,16 @@ def _write_slots(cache, new, num_sinks, window):
 
 _DEFAULTS = {"impl": "auto", "window": None, "num_sinks": 0, "softcap": None,
              "position": "rope", "rope_base": 10000.0, "rope_fraction": 1.0,
-             "rope_scaling": "none", "rope_scaling_factor": 1.0, "train_length": None,
-             "logn_scaling": False, "self_extend_group": 0, "self_extend_window": 0,
-             "t5_num_buckets": 32, "t5_max_distance": 128, "sequence_parallel": "ring",
-             "layout": "zigzag", "cache_mode": "full", "qkv_bias": False, "out_bias": False,
-             "scale": None}
+             "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_scaling_params": (),
+             "train_length": None, "logn_scaling": False, "self_extend_group": 0,
+             "self_extend_window": 0, "t5_num_buckets": 32, "t5_max_distance": 128,
+             "sequence_parallel": "ring", "ulysses_degree": None, "layout": "zigzag",
+             "cache_mode": "full", "qkv_bias": False, "out_bias": False, "scale": None}
 
 
 def build_attention(model, options, **module_kwargs):
+    options = {**options, "rope_scaling_params": positions_lib.canonical_rope_params(
+        options["rope_scaling_params"])}
     return AttentionMixer(
         num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
         head_dim=model.head_dim or model.d_model // model.num_heads,

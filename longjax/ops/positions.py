@@ -5,7 +5,9 @@ Rotary (applied to q and k):
   scalings of `ROPE_SCALINGS`: `linear` (Position Interpolation, Chen et al. 2023), `ntk`
   (NTK-aware base change, bloc97 2023), `dynamic_ntk` (the NTK base grown with the
   current length only beyond the training length), `yarn` (Peng et al. 2023, ramp over
-  dimensions + attention temperature), `llama3` (Meta 2024, wavelength bands).
+  dimensions + attention temperature), `llama3` (Meta 2024, wavelength bands),
+  `longrope` (Ding et al. 2024, per-pair factors), as `transformers.modeling_rope_utils`
+  computes them (with their `params`), and angles exact at any int32 position.
 - xPos, Sun et al. 2022 "A Length-Extrapolatable Transformer": RoPE times a per-dimension
   exponential decay in relative distance.
 
@@ -24,109 +26,278 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
-ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
-# YaRN's ramp bounds in rotations per training length (Peng et al. 2023, Sec. 3.2:
-# alpha = 1, beta = 32 for LLaMA) and Llama 3.1's wavelength band factors.
-YARN_BETA_SLOW, YARN_BETA_FAST = 1.0, 32.0
-LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR = 1.0, 4.0
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3", "longrope")
+# The `params` each scaling accepts, with transformers' field names (its
+# `rope_parameters`), and their defaults (None: computed, or required).
+ROPE_SCALING_PARAMS = {
+    "none": {}, "linear": {}, "ntk": {}, "dynamic_ntk": {},
+    # YaRN's ramp bounds in rotations per training length (Peng et al. 2023, Sec. 3.2:
+    # alpha = beta_slow = 1, beta = beta_fast = 32 for LLaMA); mscale / mscale_all_dim
+    # (DeepSeek) or attention_factor set the temperature; truncate rounds the ramp's
+    # dimension bounds outwards, as YaRN's released code does.
+    "yarn": {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": None, "mscale_all_dim": None,
+             "attention_factor": None, "truncate": True},
+    # Llama 3.1's wavelength bands: wavelengths above L / low_freq_factor are divided by
+    # the factor, below L / high_freq_factor kept.
+    "llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    # LongRoPE (Ding et al. 2024): per-pair rescale factors `[R/2]` for lengths up to the
+    # training length (short) and beyond it (long).
+    "longrope": {"short_factor": None, "long_factor": None, "attention_factor": None},
+}
+_NEEDS_LENGTH = ("dynamic_ntk", "yarn", "llama3", "longrope")
 XPOS_GAMMA, XPOS_SCALE_BASE = 0.4, 512.0
 
 
-def check_rope_scaling(scaling, factor, original_length, *, where="rope",
+def rope_scaling_params(scaling, params=None, *, where="rope_scaling_params"):
+    """`params` (a mapping or (name, value) pairs) over the defaults of `scaling`'s
+    `ROPE_SCALING_PARAMS`; ValueError naming `where`, the key and the allowed keys for an
+    unknown key or a missing required one (longrope's factor lists)."""
+    allowed = ROPE_SCALING_PARAMS[scaling]
+    given = dict(params or {})
+    for name in given:
+        if name not in allowed:
+            raise ValueError(f"{where}: {name!r} is not a parameter of rope_scaling="
+                             f"{scaling!r}; allowed: {sorted(allowed)}")
+    out = {**allowed, **given}
+    if scaling == "longrope":
+        for name in ("short_factor", "long_factor"):
+            if out[name] is None:
+                raise ValueError(f"{where}: rope_scaling='longrope' needs {name!r} (one "
+                                 "rescale factor per rotary pair)")
+    if scaling == "yarn":
+        for name in ("beta_fast", "beta_slow"):
+            if not (isinstance(out[name], int | float) and out[name] > 0):
+                raise ValueError(f"{where}: {name}={out[name]!r} must be a number > 0")
+    return out
+
+
+def canonical_rope_params(params):
+    """`params` (a mapping, ConfigDict, or (name, value) pairs) as sorted (name, value)
+    pairs with list values as tuples: hashable, for a module field."""
+    if hasattr(params, "items"):
+        pairs = params.items()
+    else:
+        try:
+            pairs = [(name, value) for name, value in params]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rope_scaling_params must be a mapping or (name, value) pairs; "
+                             f"got {params!r}") from e
+    return tuple(sorted((str(name), tuple(value) if isinstance(value, list | tuple) else value)
+                        for name, value in pairs))
+
+
+def check_rope_scaling(scaling, factor, original_length, *, params=None, where="rope",
                        length_field="original_length"):
-    """Raises ValueError naming `where` for an unknown scaling, a factor <= 0, or a missing
-    training length (`length_field`) for the scalings that need one."""
+    """Raises ValueError naming `where` for an unknown scaling, a factor <= 0, a missing
+    training length (`length_field`) for the scalings that need one, or bad `params`."""
     if scaling not in ROPE_SCALINGS:
         raise ValueError(f"{where}_scaling={scaling!r}; allowed: {list(ROPE_SCALINGS)}")
     if not (isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 0):
         raise ValueError(f"{where}_scaling_factor must be a number > 0; got {factor!r}")
-    needs_length = scaling in ("dynamic_ntk", "yarn", "llama3")
-    if needs_length and not (isinstance(original_length, int) and original_length > 0):
+    if scaling in _NEEDS_LENGTH and not (isinstance(original_length, int)
+                                         and original_length > 0):
         raise ValueError(f"{where}_scaling={scaling!r} needs the training length "
                          f"({length_field}, a positive int); got {original_length!r}")
+    rope_scaling_params(scaling, params, where=f"{where}_scaling_params")
+
+
+def _is_static(value):
+    return value is None or isinstance(value, int | float | np.integer | np.floating)
 
 
 def rope_frequencies(head_dim, *, base=10000.0, fraction=1.0, scaling="none", factor=1.0,
-                     original_length=None, length=None):
+                     original_length=None, length=None, params=None):
     """Inverse frequencies `[rotary_dim // 2]` (radians per position) for the first
     `fraction` of `head_dim`, scaled by `scaling` with `factor` s for a model trained at
-    `original_length` L; `length` is the current sequence length (`dynamic_ntk` only).
+    `original_length` L (transformers' `original_max_position_embeddings`; for
+    `dynamic_ntk` its `max_position_embeddings`); `length` is the current sequence
+    length (the largest position + 1) for `dynamic_ntk` and `longrope`; `params` the
+    scaling's `ROPE_SCALING_PARAMS` (transformers' names). As transformers'
+    `ROPE_INIT_FUNCTIONS` compute them, in float64: a numpy array, or a float32 jax
+    array when `length` is traced.
 
-    - linear: theta / s.
+    - linear (Position Interpolation): theta / s.
     - ntk: base * s^(R / (R - 2)) with R the rotary dim.
     - dynamic_ntk: ntk with s' = max(1, s * length / L - (s - 1)), so unchanged up to L.
-    - yarn: with r = L / wavelength, gamma = clip((r - 1) / (32 - 1), 0, 1):
-      (1 - gamma) * theta / s + gamma * theta.
-    - llama3: wavelengths above L / 1 are divided by s, below L / 4 kept, in between
-      interpolated with smooth = (L / wavelength - 1) / (4 - 1).
+    - yarn: pair i keeps theta_i below the pair index where theta turns `beta_fast` times
+      over L and takes theta_i / s above the one where it turns `beta_slow` times, with a
+      linear ramp over pair indices in between (YaRN's released code).
+    - llama3: wavelengths above L / low_freq_factor divided by s, below
+      L / high_freq_factor kept, in between interpolated with
+      smooth = (L / wavelength - low) / (high - low).
+    - longrope: theta_i / long_factor[i] when length > L, else / short_factor[i].
     """
-    check_rope_scaling(scaling, factor, original_length)
+    check_rope_scaling(scaling, factor, original_length, params=params)
+    p = rope_scaling_params(scaling, params)
     rotary_dim = int(head_dim * fraction) // 2 * 2
-    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
-    if scaling == "ntk" or (scaling == "dynamic_ntk" and length is not None):
-        s = factor if scaling == "ntk" else max(1.0, factor * length / original_length
-                                                 - (factor - 1))
-        base = base * s ** (rotary_dim / (rotary_dim - 2))
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
+    if scaling == "ntk":
+        base = base * factor ** (rotary_dim / (rotary_dim - 2))
     inv_freq = 1.0 / base ** exponents
     if scaling == "linear":
         return inv_freq / factor
-    if scaling in ("yarn", "llama3"):
-        rotations = original_length * inv_freq / (2 * math.pi)  # L / wavelength
-        if scaling == "yarn":
-            keep = jnp.clip((rotations - YARN_BETA_SLOW) / (YARN_BETA_FAST - YARN_BETA_SLOW),
-                            0.0, 1.0)
-        else:
-            keep = jnp.clip((rotations - LLAMA3_LOW_FREQ_FACTOR)
-                            / (LLAMA3_HIGH_FREQ_FACTOR - LLAMA3_LOW_FREQ_FACTOR), 0.0, 1.0)
+    if scaling == "dynamic_ntk" and length is not None:
+        # base' = base s'^(R / (R - 2)), so theta'_i = theta_i s'^(-2i / (R - 2)).
+        grown = factor * length / original_length - (factor - 1)
+        power = -exponents * rotary_dim / (rotary_dim - 2)
+        if _is_static(length):
+            return inv_freq * max(1.0, grown) ** power
+        return (jnp.asarray(inv_freq, jnp.float32)
+                * jnp.maximum(1.0, jnp.asarray(grown, jnp.float32)) ** power)
+    if scaling == "yarn":
+        keep = 1.0 - _yarn_ramp(rotary_dim, base, original_length, p)
         return (1 - keep) * inv_freq / factor + keep * inv_freq
+    if scaling == "llama3":
+        low, high = p["low_freq_factor"], p["high_freq_factor"]
+        rotations = original_length * inv_freq / (2 * math.pi)  # L / wavelength
+        keep = np.clip((rotations - low) / (high - low), 0.0, 1.0)
+        return (1 - keep) * inv_freq / factor + keep * inv_freq
+    if scaling == "longrope":
+        short, long = (np.asarray(p[n], np.float64) for n in ("short_factor", "long_factor"))
+        for name, f in (("short_factor", short), ("long_factor", long)):
+            if f.shape != inv_freq.shape:
+                raise ValueError(f"rope_scaling_params: longrope's {name} has {f.size} "
+                                 f"entries; the rotary dim {rotary_dim} needs {inv_freq.size}")
+        if length is None or _is_static(length):
+            return inv_freq / (long if length is not None and length > original_length
+                               else short)
+        return jnp.where(length > original_length, jnp.asarray(inv_freq / long, jnp.float32),
+                         jnp.asarray(inv_freq / short, jnp.float32))
     return inv_freq
 
 
-def yarn_attention_factor(factor):
-    """YaRN's sqrt(1/t) = 0.1 ln(s) + 1 (Peng et al. 2023, Eq. 22); q and k are each
-    multiplied by it, so the logits by its square. 1 for s <= 1."""
-    return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+def _yarn_ramp(rotary_dim, base, original_length, p):
+    """YaRN's interpolation weight per pair `[R/2]`: 0 up to the (real-valued) pair index
+    where theta turns `beta_fast` times over L, 1 from the one where it turns `beta_slow`
+    times, linear in the pair index in between (bounds floored / ceiled with `truncate`).
+    Pair i turns L theta_i / 2pi times, so that index is R ln(L / (2 pi turns)) / (2 ln base).
+    """
+    def pair_index(turns):
+        return rotary_dim * math.log(original_length / (turns * 2 * math.pi)) / (
+            2 * math.log(base))
+
+    low, high = pair_index(p["beta_fast"]), pair_index(p["beta_slow"])
+    if p["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # as the released code: no division by zero
+    return np.clip((np.arange(rotary_dim // 2) - low) / (high - low), 0.0, 1.0)
+
+
+def rope_attention_factor(scaling, factor, *, original_length=None, params=None):
+    """The factor q and k (their rotated dims: transformers multiplies cos and sin) are
+    scaled by, so the logits by its square (transformers' `attention_scaling`):
+
+    - yarn: `attention_factor` if given, else mscale(s, mscale) / mscale(s, mscale_all_dim)
+      when both are given, else mscale(s, 1), with mscale(s, m) = 0.1 m ln(s) + 1 for
+      s > 1 and 1 otherwise (Peng et al. 2023, Eq. 22: sqrt(1/t) = 0.1 ln(s) + 1).
+    - longrope: `attention_factor` if given, else sqrt(1 + ln(s) / ln(L)) for s > 1.
+    - otherwise 1.
+    """
+    p = rope_scaling_params(scaling, params)
+
+    def mscale(m):
+        return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    if scaling == "yarn":
+        if p["attention_factor"] is not None:
+            return float(p["attention_factor"])
+        if p["mscale"] and p["mscale_all_dim"]:
+            return mscale(p["mscale"]) / mscale(p["mscale_all_dim"])
+        return mscale(1.0)
+    if scaling == "longrope":
+        if p["attention_factor"] is not None:
+            return float(p["attention_factor"])
+        return math.sqrt(1 + math.log(factor) / math.log(original_length)) if factor > 1 else 1.0
+    return 1.0
+
+
+def rope_angles(positions, inv_freq):
+    """cos and sin of `positions[b, t] * inv_freq`, each `[B, T, R/2]` float32.
+
+    With numpy (float64) `inv_freq` the angle is exact to ~1e-6 rad at any int32 position:
+    in turns (theta / 2pi), the position splits into 11-bit limbs p = a 2^22 + b 2^11 + c,
+    and each limb weight's fractional turns frac(w theta / 2pi) into a 13-bit head, whose
+    product with a limb is exact in float32, and a small tail. (The plain float32 product
+    is off by ~0.03 rad at 4e5, where float32 itself is spaced 0.03 apart.) A traced
+    (jax) `inv_freq` or fractional positions take the float32 product.
+    """
+    if not isinstance(inv_freq, np.ndarray) or not jnp.issubdtype(jnp.asarray(
+            positions).dtype, jnp.integer):
+        angles = positions[..., None].astype(jnp.float32) * inv_freq
+        return jnp.cos(angles), jnp.sin(angles)
+    turns = inv_freq / (2 * np.pi)
+    p = positions.astype(jnp.int32)[..., None]
+    total = jnp.zeros((), jnp.float32)
+    for shift, limb in ((22, p >> 22), (11, (p >> 11) & 2047), (0, p & 2047)):
+        frac = np.mod(turns * 2.0 ** shift, 1.0)
+        head = np.round(frac * 2.0 ** 13) / 2.0 ** 13
+        product = limb.astype(jnp.float32) * jnp.asarray(head, jnp.float32)
+        total = total + (product - jnp.floor(product)) + limb.astype(
+            jnp.float32) * jnp.asarray(frac - head, jnp.float32)
+    angles = (2 * np.pi) * (total - jnp.floor(total))
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def rope(x, positions, *, base=10000.0, fraction=1.0, scaling="none", factor=1.0,
-         original_length=None, length=None, inv_freq=None):
-    """Rotate `x` `[B, T, H, D]` by angles `positions[b, t] * inv_freq` (half-split pairs).
+         original_length=None, length=None, params=None, inv_freq=None,
+         attention_factor=None):
+    """Rotate `x` `[B, T, H, D]` by angles `positions[b, t] * inv_freq` (half-split pairs),
+    the rotated dims times `attention_factor` (default: `rope_attention_factor`).
 
     Only the first `fraction * D` dims rotate (partial rotary); the rest pass through.
     The frequencies are `rope_frequencies(D, base=..., fraction=..., scaling=...,
-    factor=..., original_length=..., length=...)` unless `inv_freq` gives them.
+    factor=..., original_length=..., length=..., params=...)` unless `inv_freq` gives
+    them (then `attention_factor` defaults to 1).
     """
     if inv_freq is None:
         inv_freq = rope_frequencies(x.shape[-1], base=base, fraction=fraction, scaling=scaling,
                                     factor=factor, original_length=original_length,
-                                    length=length)
+                                    length=length, params=params)
+        if attention_factor is None:
+            attention_factor = rope_attention_factor(scaling, factor,
+                                                     original_length=original_length,
+                                                     params=params)
     rotary_dim = 2 * inv_freq.shape[0]
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
-    sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+    cos, sin = (a[:, :, None] for a in rope_angles(positions, inv_freq))
+    if attention_factor not in (None, 1.0):
+        cos, sin = cos * attention_factor, sin * attention_factor
     rot, rest = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
     x1, x2 = jnp.split(rot, 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return jnp.concatenate([rotated.astype(x.dtype), rest], axis=-1)
 
 
-def xpos_scale(rotary_dim, positions, *, key, gamma=XPOS_GAMMA, scale_base=XPOS_SCALE_BASE):
-    """xPos scale `[B, T, 1, rotary_dim]`: zeta_i^(n / scale_base) for queries and its
-    inverse for keys, zeta_i = (2i / R + gamma) / (1 + gamma) shared by both halves of a
-    rotation pair; q.k then decays as zeta^((m - n) / scale_base) (Sun et al. 2022, Eq. 9).
-    """
-    zeta = (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim + gamma) / (1 + gamma)
-    power = positions.astype(jnp.float32)[..., None] / scale_base * (-1.0 if key else 1.0)
-    scale = zeta ** power  # [B, T, R/2]
+def xpos_scale(rotary_dim, positions, *, key, offset=0, gamma=XPOS_GAMMA,
+               scale_base=XPOS_SCALE_BASE):
+    """xPos scale `[B, T, 1, rotary_dim]`: zeta_i^((n - offset) / scale_base) for queries
+    and its inverse for keys, zeta_i = (2i / R + gamma) / (1 + gamma) shared by both halves
+    of a rotation pair; q.k then decays as zeta^((m - n) / scale_base) (Sun et al. 2022,
+    Eq. 9) whatever the common `offset` (a scalar or `[B, 1]`). Centring the offset on
+    the positions of one call keeps both factors finite in float32 for a span of up to
+    `XPOS_MAX_SPAN` positions, however far the positions themselves go."""
+    zeta = (np.arange(0, rotary_dim, 2) / rotary_dim + gamma) / (1 + gamma)
+    shifted = (positions - offset).astype(jnp.float32)[..., None]
+    power = shifted / scale_base * (-1.0 if key else 1.0)
+    scale = jnp.exp(power * jnp.asarray(np.log(zeta), jnp.float32))  # [B, T, R/2]
     return jnp.concatenate([scale, scale], axis=-1)[:, :, None]
 
 
-def xpos(x, positions, *, key, inv_freq):
-    """RoPE with `inv_freq`, then xPos's decay scale on the rotated dims (queries `key=False`
-    scaled up with position, keys down)."""
+# The widest span of positions one xPos call may hold around its offset: both factors
+# stay within exp(+-80) (float32 overflows past exp(88.7)) for the fastest-decaying pair.
+XPOS_MAX_SPAN = 2 * int(80 * XPOS_SCALE_BASE / -math.log(XPOS_GAMMA / (1 + XPOS_GAMMA)))
+
+
+def xpos(x, positions, *, key, inv_freq, offset=0, attention_factor=None):
+    """RoPE with `inv_freq` (and `attention_factor`), then xPos's decay scale relative to
+    `offset` on the rotated dims (queries `key=False` scaled up with position, keys down)."""
     rotary_dim = 2 * inv_freq.shape[0]
-    rotated = rope(x, positions, inv_freq=inv_freq)
-    scaled = rotated[..., :rotary_dim] * xpos_scale(rotary_dim, positions, key=key)
+    rotated = rope(x, positions, inv_freq=inv_freq, attention_factor=attention_factor)
+    scaled = rotated[..., :rotary_dim] * xpos_scale(rotary_dim, positions, key=key,
+                                                    offset=offset)
     return jnp.concatenate([scaled.astype(x.dtype), rotated[..., rotary_dim:]], axis=-1)
 
 

@@ -78,15 +78,26 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     )
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with every axis of type Auto: same devices in the same order.
+
+    The model's flax.linen logical-axis constraints are sharding hints for auto axes, so
+    the train state, batches and steps live on this twin of a `jax.make_mesh` mesh (whose
+    axes are explicit by default). `jax.device_put` re-types arrays already sharded over
+    the explicit mesh onto it without moving data.
+    """
+    return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
-    """Maps a pytree of logical `PartitionSpec`s onto `NamedSharding`s of `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+    """Maps a pytree of logical `PartitionSpec`s onto `NamedSharding`s of `mesh` (auto axes)."""
+    return nn.logical_to_mesh_sharding(logical_specs, auto_axes(mesh), list(rules))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of `[batch, seq, ...]` inputs: batch over data x fsdp, seq over sequence."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
+    return NamedSharding(auto_axes(mesh), PartitionSpec(("data", "fsdp"), "sequence"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(auto_axes(mesh), PartitionSpec())

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from longjax.parallel.mesh import LOGICAL_RULES, batch_sharding, replicated
+from longjax.parallel.mesh import LOGICAL_RULES, auto_axes, batch_sharding, replicated
 from longjax.train.optimizer import learning_rate_schedule, make_optimizer
 from longjax.train.state import state_shardings
 
@@ -66,7 +66,10 @@ def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 def make_train_step(config, model, mesh):
-    """`train_step(state, batch) -> (state, metrics)`, jitted with the mesh's shardings."""
+    """`train_step(state, batch) -> (state, metrics)`, jitted with the mesh's shardings.
+
+    `mesh` may have explicit or auto axes; the step runs on its auto twin (`auto_axes`).
+    """
     optimizer = make_optimizer(config.train)
     schedule = learning_rate_schedule(config.train)
     shardings = state_shardings(config, model, mesh)
@@ -81,25 +84,25 @@ def make_train_step(config, model, mesh):
                                   params=optax.apply_updates(state.params, updates))
         return new_state, metrics
 
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+    in_shardings = (shardings, batch_sharding(mesh))
+    jitted = jax.jit(step, in_shardings=in_shardings,
                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
     def train_step(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
+        with jax.set_mesh(auto_axes(mesh)):
+            return jitted(*jax.device_put((state, batch), in_shardings))
 
     return train_step
 
 
 def make_eval_step(config, model, mesh):
     """`eval_step(params, batch) -> sums` (see `loss_and_sums`)."""
-    shardings = state_shardings(config, model, mesh).params
+    in_shardings = (state_shardings(config, model, mesh).params, batch_sharding(mesh))
     jitted = jax.jit(lambda params, batch: loss_and_sums(params, batch, model)[1],
-                     in_shardings=(shardings, batch_sharding(mesh)),
-                     out_shardings=replicated(mesh))
+                     in_shardings=in_shardings, out_shardings=replicated(mesh))
 
     def eval_step(params, batch):
-        with jax.set_mesh(mesh):
-            return jitted(params, batch)
+        with jax.set_mesh(auto_axes(mesh)):
+            return jitted(*jax.device_put((params, batch), in_shardings))
 
     return eval_step
