@@ -25,6 +25,10 @@ FAMILIES = {
         vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
         head_dim=16, num_heads=4, n_groups=1, chunk_size=8, conv_kernel=4,
         initializer_range=0.2)),
+    "mamba2_groups": ("Mamba2Config", "Mamba2ForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+        head_dim=16, num_heads=4, n_groups=2, chunk_size=8, conv_kernel=4,
+        initializer_range=0.2)),
 }
 
 

@@ -44,15 +44,18 @@ _IGNORED = frozenset({
     "time_step_min", "time_step_max", "time_step_floor", "time_step_init_scheme",
     "time_step_scale", "rescale_prenorm_residual", "use_mambapy", "use_associative_scan",
     "residual_in_fp32", "id2label", "label2id", "chunk_size_feed_forward", "problem_type",
-    "is_encoder_decoder", "cache_implementation",
+    "is_encoder_decoder", "cache_implementation", "is_llama_config", "tokenizer_class",
+    "_attn_implementation_autoset", "n_layer",  # Mamba's alias of num_hidden_layers
 })
 # Fields longjax implements only at these values (other values are refused).
 _FIXED = {
     "hidden_act": ("silu",), "mlp_bias": (False,), "pretraining_tp": (1,),
     "use_bias": (False,), "use_conv_bias": (True,), "hidden_activation": ("gelu_pytorch_tanh",),
     "time_step_limit": ((0.0, math.inf),),
-    "use_bidirectional_attention": (None, False),
+    "use_bidirectional_attention": (None, False), "rope_interleaved": (False,),
+    "use_mrope": (False,), "norm_before_gate": (False,), "rms_norm": (True,),
 }
+_FAMILY_FIXED = {"Gemma2ForCausalLM": {"hidden_act": ("gelu_pytorch_tanh",)}}
 _ATTENTION_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps")
 _FAMILY_FIELDS = {
@@ -95,11 +98,12 @@ def _plain(value):
 
 
 def _check_fields(hf: dict, arch: str) -> None:
+    fixed = {**_FIXED, **_FAMILY_FIXED.get(arch, {})}
     for key, value in hf.items():
-        if key in _FIXED:
-            if _plain(value) not in _FIXED[key]:
+        if key in fixed:
+            if _plain(value) not in fixed[key]:
                 raise ValueError(f"config.json {key}={value!r} is not supported for {arch}; "
-                                 f"longjax implements {key} in {list(_FIXED[key])}")
+                                 f"longjax implements {key} in {list(fixed[key])}")
         elif key not in _IGNORED and key not in _FAMILY_FIELDS[arch]:
             raise ValueError(f"config.json field {key!r} (= {value!r}) is not supported for "
                              f"{arch}; longjax.hf knows {sorted(_FAMILY_FIELDS[arch])} and "
@@ -208,12 +212,10 @@ def _ssm_model(hf: dict, arch: str) -> tuple[dict, dict]:
     if heads * head_dim != expand * d:
         raise ValueError(f"config.json num_heads={heads} x head_dim={head_dim} must be "
                          f"expand * hidden_size = {expand * d}")
-    options.update(head_dim=head_dim, n_groups=hf.get("n_groups", 1),
-                   chunk_size=hf.get("chunk_size", 256))
-    if options["n_groups"] != 1:
-        raise ValueError(f"config.json n_groups={options['n_groups']}: longjax's Mamba-2 "
-                         f"gated norm spans all channels, which equals transformers' grouped "
-                         f"norm only for n_groups=1")
+    groups = hf.get("n_groups", 1)
+    # transformers normalises each group's channels; for one group that is longjax's default.
+    options.update(head_dim=head_dim, n_groups=groups, chunk_size=hf.get("chunk_size", 256),
+                   norm_per_group=groups > 1)
     model["mixer"] = "mamba2"
     return model, {"mamba2": options}
 

@@ -52,10 +52,13 @@ def dense(features, *, axes, dtype, name=None, num_input_dims=1, use_bias=False)
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm (Zhang & Sennrich 2019), statistics in fp32."""
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), statistics in fp32; with
+    `groups` > 1 each of that many equal slices of the channels is normalised on its own
+    (Mamba-2's gated norm, whose groups are its B/C groups)."""
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -63,9 +66,9 @@ class RMSNorm(nn.Module):
             "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
             (x.shape[-1],), jnp.float32,
         )
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, -1)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale).astype(self.dtype)
+        return (y.reshape(x.shape) * scale).astype(self.dtype)
 
 
 # Gated MLPs by `config.model.mlp` name: the activation of the gate (GeGLU with the tanh
