@@ -47,10 +47,9 @@ def continuation(workdir, prompt, *, max_new_tokens, temperature, top_k, top_p, 
     if len(ids) == 0:
         raise ValueError("the prompt is empty and the tokenizer has no BOS token; give "
                          "--prompt")
-    eos = -1 if tok.eos_id is None else tok.eos_id
     out = generate(model, params, [ids], max_new_tokens=max_new_tokens,
                    rng=jax.random.key(seed), temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_id=eos, pad_id=tok.pad_id if tok.pad_id is not None else 0,
+                   top_p=top_p, eos_id=tok.eos_id, pad_id=tok.pad_id,
                    prefill_chunk=prefill_chunk if len(ids) > prefill_chunk else None)
     return tok.decode(out.tokens[0, :int(out.lengths[0])])
 

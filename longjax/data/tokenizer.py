@@ -75,7 +75,7 @@ _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 class PretrainedTokenizer:
     """A checkpoint's `tokenizer.json` (the `tokenizers` library), with BOS / EOS / PAD ids
     from `config.json`, `generation_config.json` or `tokenizer_config.json` (the first
-    that names each; a list of EOS ids gives its first; a missing PAD is EOS)."""
+    that names each; a list of EOS ids gives its first; a missing PAD is EOS, or 0)."""
 
     def __init__(self, path):
         import tokenizers  # a runtime dependency of checkpoints only
@@ -89,7 +89,7 @@ class PretrainedTokenizer:
         self._spec = json.loads(file.read_text())
         ids = _special_ids(file.parent, self._tokenizer)
         self.bos_id, self.eos_id = ids.get("bos"), ids.get("eos")
-        self.pad_id = ids.get("pad", self.eos_id)
+        self.pad_id = ids.get("pad", 0 if self.eos_id is None else self.eos_id)
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text, *, add_bos=True, add_eos=True):
