@@ -175,6 +175,7 @@ def _config(tmp_path, **fields):
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"quantization_config": {"bits": 4}}, "quantization_config"),
+    ({"architectures": ["Gemma2ForCausalLM"]}, "query_pre_attn_scalar"),
     ({"rope_parameters": {"rope_type": "mrope", "rope_theta": 1e4}}, "rope_type"),
 ])
 def test_unsupported_config_is_refused_naming_the_field(tmp_path, fields, match):

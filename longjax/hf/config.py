@@ -225,7 +225,10 @@ def model_config(hf: dict, *, dtype: str = "float32") -> ml_collections.ConfigDi
     arch = architecture(hf)
     _check_fields(hf, arch)
     build = _ssm_model if arch in ("MambaForCausalLM", "Mamba2ForCausalLM") else _attention_model
-    fields, options = build(hf, arch)
+    try:
+        fields, options = build(hf, arch)
+    except KeyError as e:
+        raise ValueError(f"config.json has no field {e.args[0]!r}, which {arch} needs") from e
     config = base_config().model
     config.update(fields, dtype=dtype, scale_tied_logits=False,
                   tie_embeddings=bool(hf.get("tie_word_embeddings", arch in _TIED_BY_DEFAULT)))
