@@ -19,6 +19,8 @@ CORE = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "numpy>=1.26",
+    "safetensors>=0.6",  # longjax.hf reads and writes checkpoints as numpy
+    "tokenizers>=0.21",  # longjax.data.tokenizer reads a checkpoint's tokenizer.json
 ]
 
 EXTRAS = {
@@ -31,6 +33,8 @@ EXTRAS = {
         "nbformat>=5.9",  # tests/test_notebooks.py runs colab/ notebooks
         "nbclient>=0.10",
         "ipykernel>=6.29",
+        "torch>=2.4",  # tests/test_hf*.py: transformers' models are the oracle
+        "transformers>=5.0",
     ],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],

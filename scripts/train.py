@@ -2,6 +2,13 @@
 
     python scripts/train.py --config=configs/quickstart.py --workdir=workdirs/quickstart \
         [--config.train.steps=200] [--config=configs/quickstart.py:mixer=attention]
+
+Fine-tune a Hugging Face checkpoint (its model, weights and tokenizer; longjax.hf), e.g.
+at 4x its context with a larger RoPE base (ABF):
+
+    python scripts/train.py --config=configs/quickstart.py --workdir=workdirs/llama_abf \
+        --config.init.hf=path/to/Llama-3.2-1B --config.data.seq_len=8192 \
+        --config.init.model_overrides=mixer_options.attention.rope_base=2000000.0
 """
 
 import sys

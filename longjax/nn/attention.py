@@ -30,6 +30,15 @@ Self-Extend (Jin et al. 2024, "LLM Maybe LongLM"; `self_extend_group` G > 0,
 `self_extend_window` N): keys within N tokens use RoPE as trained; farther keys use
 grouped positions floor(s / G) against the query's floor(t / G) + N - floor(N / G); both
 parts are merged by logsumexp, a single softmax over all keys.
+
+Projections: `qkv_bias` / `out_bias` add biases to the q, k, v / output projections
+(Qwen2; Llama's `attention_bias` sets both); `scale` replaces the score scale
+`head_dim ** -0.5` (Gemma 2's `query_pre_attn_scalar ** -0.5`).
+
+The mixer is registered twice, as `"attention"` and `"local_attention"`, the same module
+with two sets of options, so a layer pattern can mix global and windowed layers
+(`"(local_attention,attention)*13"` with `mixer_options.local_attention.window`, Gemma 2).
+The training-free methods of `longjax.eval.methods` change `"attention"` layers.
 """
 
 from __future__ import annotations
@@ -94,6 +103,9 @@ class AttentionMixer(nn.Module):
     ulysses_degree: int | None = None
     layout: str = "zigzag"
     cache_mode: str = "full"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    scale: float | None = None
 
     def _check(self):
         """Raises ValueError naming the option for bad position / extension settings."""
@@ -154,9 +166,10 @@ class AttentionMixer(nn.Module):
         self._check()
         B, T, _ = x.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = dense((H, D), axes=("embed", "heads", "kv"), dtype=self.dtype, name="query")(x)
-        k = dense((K, D), axes=("embed", "kv_heads", "kv"), dtype=self.dtype, name="key")(x)
-        v = dense((K, D), axes=("embed", "kv_heads", "kv"), dtype=self.dtype, name="value")(x)
+        q, k, v = (dense((n, D), axes=("embed", heads, "kv"), dtype=self.dtype, name=name,
+                         use_bias=self.qkv_bias)(x)
+                   for name, n, heads in (("query", H, "heads"), ("key", K, "kv_heads"),
+                                          ("value", K, "kv_heads")))
         bias = self._bias_module()
         shared_positions = positions is None  # one row of positions serves the batch
         if positions is None:
@@ -171,7 +184,7 @@ class AttentionMixer(nn.Module):
                              f"{positions_lib.XPOS_MAX_SPAN} tokens per call in float32; got "
                              f"{T} (feed longer inputs in chunks through a cache)")
         enc = dict(length=length, offset=offset)
-        options = dict(softcap=self.softcap, impl=self.impl)
+        options = dict(softcap=self.softcap, scale=self.scale, impl=self.impl)
         streaming_rule = self.num_sinks and self.cache_mode in ("streaming", "lm_infinite")
         if (cache is not None and self._bounded_cache()) or (cache is None and streaming_rule):
             bounded = cache if cache is not None else self.init_cache(B, 0, q.dtype)
@@ -208,7 +221,7 @@ class AttentionMixer(nn.Module):
     def _out(self, x, out):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return dense(x.shape[-1], axes=("heads", "kv", "embed"), dtype=self.dtype, name="out",
-                     num_input_dims=2)(out)
+                     num_input_dims=2, use_bias=self.out_bias)(out)
 
     def _blockwise(self):
         """True when one query runs a path whose key block size is ours: "xla", or the
@@ -415,16 +428,15 @@ def _write_slots(cache, new, num_sinks, window):
     return out
 
 
-@register_mixer(
-    "attention",
-    defaults={"impl": "auto", "window": None, "num_sinks": 0, "softcap": None,
-              "position": "rope", "rope_base": 10000.0, "rope_fraction": 1.0,
-              "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_scaling_params": (),
-              "train_length": None,
-              "logn_scaling": False, "self_extend_group": 0, "self_extend_window": 0,
-              "t5_num_buckets": 32, "t5_max_distance": 128, "sequence_parallel": "ring",
-              "ulysses_degree": None, "layout": "zigzag", "cache_mode": "full"},
-)
+_DEFAULTS = {"impl": "auto", "window": None, "num_sinks": 0, "softcap": None,
+             "position": "rope", "rope_base": 10000.0, "rope_fraction": 1.0,
+             "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_scaling_params": (),
+             "train_length": None, "logn_scaling": False, "self_extend_group": 0,
+             "self_extend_window": 0, "t5_num_buckets": 32, "t5_max_distance": 128,
+             "sequence_parallel": "ring", "ulysses_degree": None, "layout": "zigzag",
+             "cache_mode": "full", "qkv_bias": False, "out_bias": False, "scale": None}
+
+
 def build_attention(model, options, **module_kwargs):
     options = {**options, "rope_scaling_params": positions_lib.canonical_rope_params(
         options["rope_scaling_params"])}
@@ -433,3 +445,7 @@ def build_attention(model, options, **module_kwargs):
         head_dim=model.head_dim or model.d_model // model.num_heads,
         dtype=jnp.dtype(model.dtype), **options, **module_kwargs,
     )
+
+
+for _name in ("attention", "local_attention"):
+    register_mixer(_name, defaults=_DEFAULTS)(build_attention)

@@ -126,7 +126,8 @@ class MambaMixer(nn.Module):
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block (Dao & Gu 2024, Section 7): one input projection to `z, x, B, C, dt`,
     causal conv on `x, B, C`, SSD with scalar-per-head decay, gated RMSNorm
-    `norm(y * silu(z))`, output projection.
+    `norm(y * silu(z))` (over all channels, or with `norm_per_group` over each of the
+    `n_groups` slices as in the released code and transformers), output projection.
 
     Cache: `{"ssm": [B, H, P, N] fp32, "conv": ShortConv cache, "segment": [B]}`.
     """
@@ -142,6 +143,7 @@ class Mamba2Mixer(nn.Module):
     dt_max: float = 1e-1
     A_init_max: float = 16.0
     impl: str = "auto"
+    norm_per_group: bool = False
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
 
@@ -189,7 +191,7 @@ class Mamba2Mixer(nn.Module):
             return_final_state=True, segment_ids=segment_ids,
             impl=_step_impl(self.impl, cache, T))
         y = y.reshape(B, T, E) * nn.silu(z)
-        y = RMSNorm(self.norm_eps, self.dtype, name="norm")(y)
+        y = RMSNorm(self.norm_eps, self.dtype, G if self.norm_per_group else 1, name="norm")(y)
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)
         if cache is not None:
             cache = {"ssm": state, "conv": conv_cache, "segment": seg[:, -1]}
@@ -293,7 +295,8 @@ class S4Mixer(nn.Module):
 _MAMBA = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": "auto", "dt_min": 1e-3,
           "dt_max": 1e-1, "impl": "auto", "chunk_size": None}
 _MAMBA2 = {"d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1,
-           "chunk_size": 64, "dt_min": 1e-3, "dt_max": 1e-1, "A_init_max": 16.0, "impl": "auto"}
+           "chunk_size": 64, "dt_min": 1e-3, "dt_max": 1e-1, "A_init_max": 16.0, "impl": "auto",
+           "norm_per_group": False}
 _S4 = {"d_state": 64, "dt_min": 1e-3, "dt_max": 1e-1}
 
 
