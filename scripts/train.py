@@ -6,7 +6,15 @@
 Multi-host: run the same command in every process. Under SLURM (`srun`), Open MPI, on
 a TPU pod or in a Kubernetes indexed Job the processes find each other by themselves;
 elsewhere add `--coordinator_address=host0:1234 --num_processes=N --process_id=i`. The
-workdir must be one shared folder (or bucket) for all; process 0 writes the outputs.
+workdir must be one folder all hosts share (NFS, a bucket mounted by gcsfuse); process
+0 writes the outputs.
+
+Fine-tune a Hugging Face checkpoint (its model, weights and tokenizer; longjax.hf), e.g.
+at 4x its context with a larger RoPE base (ABF):
+
+    python scripts/train.py --config=configs/quickstart.py --workdir=workdirs/llama_abf \
+        --config.init.hf=path/to/Llama-3.2-1B --config.data.seq_len=8192 \
+        --config.init.model_overrides=mixer_options.attention.rope_base=2000000.0
 """
 
 import sys

@@ -22,14 +22,17 @@ import numpy as np
 from longjax.data import best_fit, decomposition, packing, sources, tokenizer
 
 
-def load_token_docs(data_config, split: str, *, seed: int) -> list[np.ndarray]:
-    """The split's documents as token arrays; the train split in an order shuffled by
-    `seed` (so concat-and-chunk mixes documents across rows)."""
+def load_token_docs(data_config, split: str, *, seed: int, tok=None) -> list[np.ndarray]:
+    """The split's documents as token arrays, BOS / EOS framed, in the tokens of `tok`
+    (default: `data_config.tokenizer`'s tokenizer.json, or bytes when it is ""); the train
+    split in an order shuffled by `seed` (so concat-and-chunk mixes documents across
+    rows)."""
     docs = sources.load_documents(data_config, split)
     if not docs:
         raise ValueError(f"config.data: the {split!r} split of source "
                          f"{data_config.source!r} has no documents")
-    token_docs = [tokenizer.encode(text) for text in docs]
+    tok = tok or tokenizer.load(data_config.get("tokenizer") or None)
+    token_docs = [tok.encode(text) for text in docs]
     if split == "train":
         order = np.random.default_rng(seed).permutation(len(token_docs))
         token_docs = [token_docs[i] for i in order]

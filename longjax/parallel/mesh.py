@@ -65,6 +65,26 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     )
 
 
+BATCH_AXES = ("data", "fsdp")
+
+
+def sequence_mesh(axis_name: str = "sequence"):
+    """The current mesh (`jax.set_mesh`) when its `axis_name` axis splits the sequence
+    (size > 1), else None: where the mixers switch to their sequence-parallel forms."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh if mesh.shape.get(axis_name, 1) > 1 else None
+
+
+def batch_axes(mesh, batch_size: int, *, axes=BATCH_AXES, exclude=()) -> tuple[str, ...]:
+    """The axes of `axes` in `mesh` (minus `exclude`) that split a batch of `batch_size`
+    rows inside a `shard_map`; `ValueError` when their product does not divide it."""
+    found = tuple(a for a in axes if a in mesh.axis_names and a not in exclude)
+    if batch_size % int(np.prod([mesh.shape[a] for a in found])):
+        raise ValueError(f"batch size {batch_size} must be divisible by the mesh axes "
+                         f"{found} (sizes {[mesh.shape[a] for a in found]})")
+    return found
+
+
 def auto_axes(mesh: Mesh) -> Mesh:
     """`mesh` with every axis of type Auto: same devices in the same order.
 

@@ -17,10 +17,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from longjax.ops.attention import dot_product_attention
+from longjax.parallel import mesh as mesh_lib
 from longjax.parallel.layouts import (
     bound_axis_size,
     check_layout,
@@ -65,7 +65,7 @@ _STRATEGY_FNS = {"ring": ring_attention, "all_gather": all_gather_attention,
 
 def sequence_parallel_attention(
     q, k, v, *, mesh=None, axis_name="sequence", strategy="ring", layout="zigzag",
-    causal=False, segment_ids=None, batch_axes=("data", "fsdp"), head_axis="tensor",
+    causal=False, segment_ids=None, batch_axes=mesh_lib.BATCH_AXES, head_axis="tensor",
     ulysses_degree=None, **options,
 ):
     """Attention of global q `[B, T, H, D]`, k, v `[B, T, K, D]` with T split over `axis_name`.
@@ -96,10 +96,7 @@ def sequence_parallel_attention(
                          f"{num_shards} of axis {axis_name!r}; got {ulysses_degree!r}")
     ring_size = num_shards // ulysses_degree if strategy == "usp" else num_shards
     check_layout(layout, q.shape[1], ring_size)
-    batch = tuple(a for a in batch_axes if a in mesh.axis_names and a != axis_name)
-    if q.shape[0] % int(np.prod([mesh.shape[a] for a in batch])):
-        raise ValueError(f"batch size {q.shape[0]} must be divisible by the mesh axes "
-                         f"{batch} (sizes {[mesh.shape[a] for a in batch]})")
+    batch = mesh_lib.batch_axes(mesh, q.shape[0], axes=batch_axes, exclude=(axis_name,))
     heads = head_axis if head_axis in mesh.axis_names and not (
         q.shape[2] % mesh.shape[head_axis] or k.shape[2] % mesh.shape[head_axis]) else None
     if segment_ids is None:

@@ -91,9 +91,8 @@ def _with_new_defaults(model: dict) -> dict:
     their defaults, so a workdir from an older longjax still resumes."""
     model = {**base_config().model.to_dict(), **model}
     options = model.get("mixer_options") or {}
-    for name in registry.mixer_names():
-        if name in options:
-            options[name] = {**registry.mixer_defaults(name), **options[name]}
+    for name in registry.mixer_names():  # mixers registered since, too
+        options[name] = {**registry.mixer_defaults(name), **options.get(name, {})}
     return model
 
 

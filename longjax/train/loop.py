@@ -77,6 +77,7 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    config = config_lib.with_hf_init(config)
     mesh = make_mesh(config.parallel.to_dict())
     config_lib.validate(config, num_data_shards=mesh.shape["data"] * mesh.shape["fsdp"],
                         num_sequence_shards=mesh.shape["sequence"])
@@ -87,6 +88,12 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
     checkpointer = Checkpointer(workdir, config)
     state = create_train_state(config, build_model(config), mesh, jax.random.key(config.seed))
     state, data_state = checkpointer.restore(state)
+    if data_state is None and config.init.hf:  # a new run starts from the checkpoint
+        from longjax import hf  # longjax.hf builds on longjax.train.config
+
+        state = state.replace(params=hf.load_params(config.init.hf, build_model(config),
+                                                    mesh=mesh))
+        logging.info("Initialised from the Hugging Face checkpoint %s", config.init.hf)
     data_state = data_state or {}
     start = int(data_state.get("batches_consumed", 0))
     train_seconds = float(data_state.get("train_seconds", 0.0))
