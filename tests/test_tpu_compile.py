@@ -29,12 +29,12 @@ SMALL = "d_model=64,num_layers=2,seq_len=256,batch_size=4,dtype=bfloat16"
 
 
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+FIRST_ATTENTION, FIRST_SCAN = next(iter(ATTENTION)), next(iter(SCAN))
 KERNEL_CASES = ([("v5e", "attention", n) for n in ATTENTION] + [("v5e", "scan", n) for n in SCAN]
                 + [("v6e", "attention", n) for n in list(ATTENTION)[:2]]
-                + [("v6e", "scan", "d768_n16_z_D")]
+                + [("v6e", "scan", FIRST_SCAN)]
                 + [(g, kind, n) for g in ("v4", "v5p")
-                   for kind, n in (("attention", "mha_causal_bf16_d128"),
-                                   ("scan", "d768_n16_z_D"))])
+                   for kind, n in (("attention", FIRST_ATTENTION), ("scan", FIRST_SCAN))])
 
 
 def _compile(fn, args, generation):
@@ -44,10 +44,14 @@ def _compile(fn, args, generation):
 
 # Mosaic on v5e and v6e has no fp16 vector loads ("Invalid vector type for load" of
 # vector<8x128x2xf16>): the fp16 flash-attention kernel lowers but cannot compile there.
-FP16_REFUSED = {("v5e", "gqa_window_sinks_fp16_d64"), ("v6e", "gqa_window_sinks_fp16_d64")}
+def _fp16_attention_on_v5e_or_v6e(generation, kernel, name):
+    return (generation in ("v5e", "v6e") and kernel == "attention"
+            and ATTENTION[name][0] == jnp.float16)
+
+
 KERNEL_CASES = [pytest.param(*case, marks=pytest.mark.xfail(
     raises=jax.errors.JaxRuntimeError, strict=True, reason="fp16 flash attention on TPU"))
-    if (case[0], case[2]) in FP16_REFUSED else case for case in KERNEL_CASES]
+    if _fp16_attention_on_v5e_or_v6e(*case) else case for case in KERNEL_CASES]
 
 
 @pytest.mark.parametrize("generation, kernel, name", KERNEL_CASES)
