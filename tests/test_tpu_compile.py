@@ -42,18 +42,6 @@ def _compile(fn, args, generation):
     return aot.compile_on_one_device(fn, args, device)
 
 
-# Mosaic on v5e and v6e has no fp16 vector loads ("Invalid vector type for load" of
-# vector<8x128x2xf16>): the fp16 flash-attention kernel lowers but cannot compile there.
-def _fp16_attention_on_v5e_or_v6e(generation, kernel, name):
-    return (generation in ("v5e", "v6e") and kernel == "attention"
-            and ATTENTION[name][0] == jnp.float16)
-
-
-KERNEL_CASES = [pytest.param(*case, marks=pytest.mark.xfail(
-    raises=jax.errors.JaxRuntimeError, strict=True, reason="fp16 flash attention on TPU"))
-    if _fp16_attention_on_v5e_or_v6e(*case) else case for case in KERNEL_CASES]
-
-
 @pytest.mark.parametrize("generation, kernel, name", KERNEL_CASES)
 def test_pallas_tpu_kernel_compiles_forward_and_backward(generation, kernel, name):
     fn, args = (_attention_case if kernel == "attention" else _scan_case)(name)

@@ -19,8 +19,10 @@ from pallas_kernels.platform import by_platform
 def _setup(q, k, v, backend, block_q, block_k, kw):
     """The kernel module, its static config and padded arrays. A head dim the kernel
     cannot tile (`module.head_dim`) is zero-padded, which leaves q.k and the output's
-    first D columns unchanged (the scale stays D^-0.5)."""
+    first D columns unchanged (the scale stays D^-0.5); a dtype it cannot load is cast
+    (`module.compute_dtype`)."""
     module = tpu if backend == "tpu" else gpu
+    q, k, v = (x.astype(module.compute_dtype(x.dtype)) for x in (q, k, v))
     D = q.shape[3]
     pad_d = module.head_dim(D) - D
     if pad_d:
@@ -39,7 +41,7 @@ def forward(q, k, v, *, interpret=False, backend=None, block_q=None, block_k=Non
     def kernel(backend, q, k, v):
         module, st, arrays = _setup(q, k, v, backend, block_q, block_k, kw)
         out, lse = module.forward(st, arrays, interpret)
-        return out[:, : st.T, :, : q.shape[3]], lse[:, :, : st.T]
+        return out[:, : st.T, :, : q.shape[3]].astype(q.dtype), lse[:, :, : st.T]
 
     return by_platform(kernel, q, k, v, backend=backend, interpret=interpret)
 
@@ -61,11 +63,13 @@ def backward(q, k, v, out, lse, dout, *, dlse=None, interpret=False, backend=Non
         D = q.shape[3]
         pad_t = ((0, 0), (0, 0), (0, st.Tp - st.T))
         do = jnp.pad(dout, ((0, 0), (0, st.Tp - st.T), (0, 0), (0, st.D - D)))
+        do = do.astype(module.compute_dtype(do.dtype))
         dq, dk, dv, dslope = module.backward(st, arrays, do, jnp.pad(lse, pad_t),
                                              jnp.pad(delta, pad_t), interpret)
         if dslope is not None:
             dslope = dslope.sum((0, 2))
-        return dq[:, : st.T, :, :D], dk[:, : st.S, :, :D], dv[:, : st.S, :, :D], dslope
+        return (dq[:, : st.T, :, :D].astype(q.dtype), dk[:, : st.S, :, :D].astype(k.dtype),
+                dv[:, : st.S, :, :D].astype(v.dtype), dslope)
 
     return by_platform(kernel, q, k, v, lse, delta, dout, backend=backend,
                        interpret=interpret)

@@ -22,6 +22,11 @@ def head_dim(D):
     return pl.next_power_of_2(D)
 
 
+def compute_dtype(dtype):
+    """The dtype the kernel reads q, k, v in: as given."""
+    return dtype
+
+
 def default_block(n, which):
     """Triton blocks are powers of two >= 16: up to 128 query rows and 64 keys."""
     return min(128 if which == "q" else 64, max(16, pl.next_power_of_2(n)))

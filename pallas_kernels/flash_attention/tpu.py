@@ -26,6 +26,12 @@ def head_dim(D):
     return D
 
 
+def compute_dtype(dtype):
+    """The dtype the kernel reads q, k, v in: fp16 as fp32, since Mosaic has no fp16 vector
+    loads on v5e and v6e (the compiler refuses `vector<8x128x2xf16>`); others as given."""
+    return jnp.float32 if dtype == jnp.float16 else dtype
+
+
 def default_block(n, which):
     """Block size for a sequence of length n: up to 512, a multiple of 128 (lanes)."""
     del which
