@@ -53,7 +53,7 @@ def _without_cpu_xla_flags():
             os.environ["XLA_FLAGS"] = flags
 
 
-def _compile(lowered) -> jax.stages.Compiled:
+def compile_lowered(lowered) -> jax.stages.Compiled:
     try:
         with _without_cpu_xla_flags():
             return lowered.compile()
@@ -108,7 +108,7 @@ def compile_train_step(config, devices) -> jax.stages.Compiled:
     model = build_model(config)
     step = make_train_step(config, model, mesh)
     batch = abstract_batch(mesh, config.data.batch_size, config.data.seq_len)
-    return _compile(step.lower(abstract_train_state(config, model, mesh), batch))
+    return compile_lowered(step.lower(abstract_train_state(config, model, mesh), batch))
 
 
 def compile_decode_step(config, devices) -> jax.stages.Compiled:
@@ -146,7 +146,7 @@ def compile_decode_step(config, devices) -> jax.stages.Compiled:
                                          token_sharding, token_sharding, cache_shardings),
                      out_shardings=(token_sharding, cache_shardings), donate_argnums=3)
     with jax.set_mesh(mesh):
-        return _compile(jitted.lower(params, token, token, cache))
+        return compile_lowered(jitted.lower(params, token, token, cache))
 
 
 def compile_on_one_device(fn, args, device) -> jax.stages.Compiled:
@@ -156,7 +156,7 @@ def compile_on_one_device(fn, args, device) -> jax.stages.Compiled:
     one = jax.sharding.SingleDeviceSharding(device)
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one) for a in args]
     with jax.set_mesh(jax.sharding.Mesh([device], ("x",))):
-        return _compile(jax.jit(fn).lower(*args))
+        return compile_lowered(jax.jit(fn).lower(*args))
 
 
 def _array_bytes(types: str) -> list[int]:

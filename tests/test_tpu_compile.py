@@ -147,3 +147,37 @@ def test_collective_bytes_counts_results_and_loop_trips():
         "collective-permute": 3 * 4 * 256 * 2,  # three trips of 4x256 bf16
         "all-to-all": 0,
     }
+
+
+def test_ring_attention_overlaps_the_next_kv_transfer_with_this_steps_tiles():
+    """Compiled for a v5e:2x4 slice, the forward ring's K/V `ppermute` for step i+1 is an
+    asynchronous collective whose start comes before step i's tile loop and whose done
+    comes after it (Liu et al. 2023: communication hidden behind blockwise compute)."""
+    import functools
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from longjax.benchmarking import fwd_bwd
+    from longjax.parallel import ring_attention
+
+    devices = aot.topology_devices("v5e:2x4")
+    mesh = jax.sharding.Mesh(devices, ("sequence",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+    spec = PartitionSpec(None, "sequence")
+    ring = jax.shard_map(functools.partial(ring_attention, axis_name="sequence", causal=True,
+                                           impl="xla"),
+                         mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    x = jax.ShapeDtypeStruct((1, 4096, 4, 64), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, spec))
+    lines = aot.hlo_text(aot.compile_lowered(jax.jit(fwd_bwd(ring)).lower(x, x, x, x)))
+    lines = lines.splitlines()
+    starts, enclosing_loop = {}, 0
+    for i, line in enumerate(lines):
+        if m := re.match(r"\s*(%\S+) = .* collective-permute-start\(", line):
+            starts[m.group(1)] = i
+        if (m := re.search(r"collective-permute-done\((%\S+)\)", line)) and m.group(1) in starts:
+            between = lines[starts[m.group(1)] + 1:i]
+            enclosing_loop += any(re.search(r" while\(", b) for b in between)
+    assert starts, "the ring's ppermutes compile to asynchronous collectives"
+    assert enclosing_loop >= 2, "K and V transfers each enclose the step's tile loop"
