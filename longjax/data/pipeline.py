@@ -16,6 +16,8 @@ import numpy as np
 
 from longjax.data import best_fit, decomposition, packing, sources, tokenizer
 
+POSE_STREAM = 7  # the random stream of PoSE's positions, apart from the shuffles
+
 
 def load_token_docs(data_config, split: str, *, seed: int) -> list[np.ndarray]:
     """The split's documents as token arrays; the train split in an order shuffled by
@@ -37,16 +39,20 @@ class PackedDataset:
 
     stats: dict[str, float] = {}
 
-    def __init__(self, rows: dict[str, np.ndarray], *, seed: int, shuffle: bool):
+    def __init__(self, rows: dict[str, np.ndarray], *, seed: int, shuffle: bool,
+                 positions: str = "row", pose_length: int = 0):
         self.rows = rows
         self.seed = seed
         self.shuffle = shuffle
+        self.positions = positions  # "row" | "document" (longjax.data.packing)
+        self.pose_length = pose_length  # > 0: PoSE positions over this length
 
     @classmethod
     def from_config(cls, data_config, split: str, *, seed: int, seq_len: int | None = None):
         """The split packed into rows of `seq_len + 1` tokens: by `data_config.packing`
         ("concat" or "best_fit") for the train split, concat-and-chunk for the others
-        (so every training recipe is evaluated on the same rows)."""
+        (so every training recipe is evaluated on the same rows), with the positions of
+        `data_config.positions`; PoSE (`data_config.pose_length`) for the train split."""
         token_docs = load_token_docs(data_config, split, seed=seed)
         row_length = (seq_len or data_config.seq_len) + 1
         method = data_config.packing if split == "train" else "concat"
@@ -54,7 +60,9 @@ class PackedDataset:
             rows = best_fit.pack_best_fit(token_docs, row_length)
         else:
             rows = packing.pack_documents(token_docs, row_length)
-        dataset = cls(rows, seed=seed, shuffle=split == "train")
+        train = split == "train"
+        dataset = cls(rows, seed=seed, shuffle=train, positions=data_config.positions,
+                      pose_length=data_config.pose_length if train else 0)
         dataset.stats = best_fit.packing_stats([len(d) for d in token_docs], row_length, method)
         return dataset
 
@@ -79,6 +87,7 @@ class PackedDataset:
 
         Shuffled (train): the order is reshuffled every epoch and batches run on forever.
         Unshuffled (evaluation): rows in order; rows past the end get weight 0.
+        With PoSE, the positions are drawn from (seed, step).
         """
         index = step * batch_size + np.arange(batch_size)
         if self.shuffle:
@@ -87,7 +96,12 @@ class PackedDataset:
                               for e, o in zip(epochs, offsets, strict=True)])
         else:
             picks = np.minimum(index, self.num_rows - 1)
-        batch = packing.rows_to_batch({k: v[picks] for k, v in self.rows.items()})
+        batch = packing.rows_to_batch({k: v[picks] for k, v in self.rows.items()},
+                                      positions=self.positions)
+        if self.pose_length:
+            rng = np.random.default_rng((self.seed, step, POSE_STREAM))
+            batch["positions"] = packing.pose_positions(batch["positions"], self.pose_length,
+                                                        rng)
         if not self.shuffle:
             batch["weights"] = batch["weights"] * (index < self.num_rows)[:, None]
         return batch
@@ -145,13 +159,14 @@ class DecomposedStream:
     """Dataset decomposition: each step one bucket's batch, drawn by the curriculum."""
 
     def __init__(self, dataset: decomposition.DecomposedDataset,
-                 sampler: decomposition.CurriculumSampler):
-        self.dataset, self.sampler = dataset, sampler
+                 sampler: decomposition.CurriculumSampler, positions: str = "row"):
+        self.dataset, self.sampler, self.positions = dataset, sampler, positions
         self.stats = dataset.stats()
 
     def next(self) -> dict[str, np.ndarray]:
         length, picks = self.sampler.next()
-        return packing.rows_to_batch(self.dataset.rows(length, picks))
+        return packing.rows_to_batch(self.dataset.rows(length, picks),
+                                     positions=self.positions)
 
     def state(self) -> dict:
         return self.sampler.state()
@@ -173,4 +188,4 @@ def make_train_stream(config, *, index: int = 0):
         {n: dataset.num_rows(n) for n in dataset.bucket_lengths}, odds,
         tokens_per_step=d.batch_size * d.seq_len,
         cycle_steps=-(-config.train.steps // d.curriculum_cycles), seed=config.seed)
-    return DecomposedStream(dataset, sampler)
+    return DecomposedStream(dataset, sampler, d.positions)

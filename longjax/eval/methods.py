@@ -31,7 +31,8 @@ from longjax.nn.attention import ROTARY
 from longjax.nn.pattern import layer_mixers
 from longjax.ops import positions
 
-ROPE_SCALINGS = tuple(s for s in positions.ROPE_SCALINGS if s != "none")
+# The scalings set by a factor alone (LongRoPE needs per-pair factors from a search).
+ROPE_SCALINGS = tuple(s for s in positions.ROPE_SCALINGS if s not in ("none", "longrope"))
 ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "lm_infinite", "streaming", "window",
            "self_extend:G:W", "logn")
 LM_INFINITE_SINKS = 10
