@@ -364,10 +364,11 @@ def fire_inputs(q_positions, kv_positions, c, threshold):
 
 def sinusoidal_embedding(positions, dim, *, base=10000.0):
     """Sinusoidal position embeddings `[B, T, dim]` (Vaswani et al. 2017, Sec. 3.5):
-    PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos(p / base^(2i/dim))."""
-    inv_freq = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos(p / base^(2i/dim)), the angles
+    exact at any position (`rope_angles`)."""
+    inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    cos, sin = rope_angles(positions, inv_freq)
+    pe = jnp.stack([sin, cos], axis=-1)
     return pe.reshape(*positions.shape, -1)[..., :dim]
 
 
