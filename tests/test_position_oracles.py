@@ -24,14 +24,14 @@ from longjax.nn import build_mixer
 from longjax.ops import positions as P
 
 T, L, D, E = 40, 12, 8, 16  # sequence, training length, head dim, model width
-BASE = 10000.0
+BASE = 100.0  # a small RoPE base: more pairs turn within these short lengths
 X = np.random.default_rng(0).standard_normal((1, T, E)).astype(np.float32)
 
 
 def _mixer(**options):
     config = ml_collections.ConfigDict(dict(
         d_model=E, num_heads=2, num_kv_heads=1, head_dim=D, dtype="float32",
-        mixer_options={"attention": options}))
+        mixer_options={"attention": {"rope_base": BASE, **options}}))
     return build_mixer("attention", config, parent=None)
 
 
@@ -103,6 +103,12 @@ def dense_pairs(method):
         freqs, scale = yarn_freqs(4), np.full((T, 1), (0.1 * math.log(4) + 1) ** 2)
     elif method == "llama3:4":
         freqs = llama3_freqs(4)
+    elif method == "giraffe":
+        # Giraffe's truncated basis (Pal et al. 2023): theta_i >= b kept, a < theta_i < b
+        # set to rho, theta_i <= a set to 0; here b = 2 pi / L, a = rho = 2 pi / n (n = T).
+        a, b = 2 * math.pi / T, 2 * math.pi / L
+        freqs = np.array([f if f >= b else a if f > a else 0.0 for f in theta()])
+        assert 0 < (freqs == a).sum() < D // 2 and (freqs == 0).any()  # every band is used
     elif method == "logn":  # logits times log(n) / log(L) for n = t + 1 visible tokens past L
         scale = np.maximum(1.0, np.log(np.arange(T) + 1.0) / math.log(L))[:, None]
     elif method == "window":  # the last L tokens
@@ -169,7 +175,7 @@ def _stream(mixer, params, x, prefill=5):
     return np.concatenate(outs, 1)
 
 
-METHODS = ["none", "linear:4", "ntk:4", "dynamic_ntk:4", "yarn:4", "llama3:4", "logn",
+METHODS = ["none", "linear:4", "ntk:4", "dynamic_ntk:4", "yarn:4", "llama3:4", "giraffe", "logn",
            "window", "lm_infinite", "streaming", "self_extend:3:4"]
 
 
@@ -293,7 +299,7 @@ def test_rope_angles_and_sinusoids_are_exact_at_large_positions():
     np.testing.assert_allclose(cos, np.cos(angles), atol=3e-6)
     np.testing.assert_allclose(sin, np.sin(angles), atol=3e-6)
     pe = P.sinusoidal_embedding(jnp.asarray(positions), 16)
-    w = BASE ** (-np.arange(0, 16, 2) / 16)
+    w = 10000.0 ** (-np.arange(0, 16, 2) / 16)
     a = positions[..., None].astype(np.float64) * w
     np.testing.assert_allclose(pe, np.stack([np.sin(a), np.cos(a)], -1).reshape(1, 7, 16),
                                atol=3e-6)

@@ -119,17 +119,19 @@ def _config(**overrides):
 def test_extension_stages():
     config = _config(**{"train.stages": (
         (600, 256, 1e4), (100, 1024, 1e4, "linear:4"), (100, 1024, 1e4, "yarn:4"),
-        (100, 1024, 5e5), (100, 256, 1e4, "pose:1024+yarn:4"))})
+        (50, 1024, 5e5), (50, 1024, 1e4, "giraffe"), (100, 256, 1e4, "pose:1024+yarn:4"))})
     schedule = stages.schedule(config)
     assert schedule[1] == stages.Stage(600, 100, 1024, 1e4, "linear", 4.0, 0)
-    assert schedule[4] == stages.Stage(900, 100, 256, 1e4, "yarn", 4.0, 1024)
+    assert schedule[5] == stages.Stage(900, 100, 256, 1e4, "yarn", 4.0, 1024)
     attention = [stages.stage_config(config, s).model.mixer_options.attention for s in schedule]
     assert [(a.rope_scaling, a.rope_scaling_factor, a.train_length, a.rope_base)
             for a in attention] == [("none", 1.0, None, 1e4), ("linear", 4.0, 256, 1e4),
                                     ("yarn", 4.0, 256, 1e4), ("none", 1.0, None, 5e5),
-                                    ("yarn", 4.0, 256, 1e4)]
+                                    ("truncated", 1.0, 256, 1e4), ("yarn", 4.0, 256, 1e4)]
+    assert dict(attention[4].rope_scaling_params) == pytest.approx(
+        {"a": 2 * np.pi / 1024, "b": 2 * np.pi / 256, "rho": 2 * np.pi / 1024})
     assert [stages.stage_config(config, s).data.pose_length for s in schedule] == \
-        [0, 0, 0, 0, 1024]
+        [0, 0, 0, 0, 0, 1024]
     config_lib.validate(config)
 
 

@@ -12,6 +12,8 @@ its `seq_len`). Empty: one stage, the config itself.
 - `linear:S`, `ntk:S`, `yarn:S`, `llama3:S`: that RoPE scaling with factor S, relative to
   the first stage's `seq_len` (the pretraining length L): Position Interpolation (Chen et
   al. 2023) and YaRN (Peng et al. 2023) fine-tuned at the longer length.
+- `giraffe`: Giraffe's truncated basis (Pal et al. 2023) with
+  `positions.giraffe_params(L, the stage's target length)`.
 - `pose:N`: PoSE (Zhu et al. 2023): rows of the stage's `seq_len` with positions spread
   over N by random skips (`longjax.data.packing.pose_positions`), so a model trains for
   a context of N at the cost of `seq_len`.
@@ -25,7 +27,7 @@ import dataclasses
 
 import ml_collections
 
-from longjax.ops.positions import ROPE_SCALINGS
+from longjax.ops.positions import ROPE_SCALINGS, canonical_rope_params, giraffe_params
 
 FIELD = "config.train.stages"
 
@@ -75,7 +77,8 @@ def schedule(config) -> list[Stage]:
     return stages
 
 
-_SCALINGS = tuple(s for s in ROPE_SCALINGS if s not in ("none", "dynamic_ntk", "longrope"))
+_SCALINGS = tuple(s for s in ROPE_SCALINGS
+                  if s not in ("none", "dynamic_ntk", "longrope", "truncated"))
 
 
 def _extension(where, text, seq_len) -> dict:
@@ -89,13 +92,15 @@ def _extension(where, text, seq_len) -> dict:
             value = None
         if name in _SCALINGS and value is not None and value > 0:
             fields.update(rope_scaling=name, rope_scaling_factor=value)
+        elif part == "giraffe":
+            fields.update(rope_scaling="truncated", rope_scaling_factor=1.0)
         elif name == "pose" and value is not None and value >= seq_len:
             fields["pose_length"] = value
         else:
             raise ValueError(
                 f"{where} has extension part {part!r}; allowed, joined by '+': "
-                f"{[f'{s}:S' for s in _SCALINGS]} with S > 0, or 'pose:N' with N >= the "
-                f"stage's seq_len {seq_len}")
+                f"{[f'{s}:S' for s in _SCALINGS]} with S > 0, 'giraffe', or 'pose:N' with "
+                f"N >= the stage's seq_len {seq_len}")
     return fields
 
 
@@ -118,6 +123,9 @@ def stage_config(config, stage: Stage) -> ml_collections.ConfigDict:
         attention.rope_scaling = stage.rope_scaling
         attention.rope_scaling_factor = stage.rope_scaling_factor
         attention.train_length = schedule(config)[0].seq_len
+    if stage.rope_scaling == "truncated":
+        attention.rope_scaling_params = canonical_rope_params(giraffe_params(
+            attention.train_length, max(stage.seq_len, stage.pose_length)))
     if stage.pose_length:
         out.data.pose_length = stage.pose_length
     return out
