@@ -22,6 +22,7 @@ from longjax.eval.extrapolation import (
     NONOVERLAPPING,
     PASSKEY,
     Checkpoint,
+    Results,
     accuracy,
     evaluate,
     evaluate_workdir,
@@ -328,7 +329,7 @@ def test_methods_that_cannot_apply():
 
 @pytest.mark.parametrize("method", ["linear:2", "ntk:auto", "dynamic_ntk:1", "yarn:auto",
                                     "llama3:8", "lm_infinite", "streaming", "window",
-                                    "self_extend:4:8", "logn", "yarn:auto+logn"])
+                                    "self_extend:4:8", "logn", "yarn:auto+logn", "giraffe"])
 def test_every_method_builds_a_model_the_attention_accepts(method):
     """The options reach the attention layer, which accepts them (traced, not compiled)."""
     config = apply_method(_config().model, method, train_length=L, eval_length=4 * L)
@@ -389,3 +390,21 @@ def test_combine_runs_side_by_side(results, tmp_path):
     assert {r["method"] for r in only.rows} == {"rope"}
     with pytest.raises(ValueError, match="no results.csv"):
         combine_script.combine([("x", tmp_path / "missing")])
+
+
+def test_seed_spread_of_runs_labelled_name_hash_seed():
+    """`name#seed` runs are grouped: mean, sample standard deviation, range and count per
+    setting and length; runs without a seed are left out."""
+    spec = importlib.util.spec_from_file_location(
+        "combine_extrapolation", REPO / "scripts/combine_extrapolation.py")
+    combine_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(combine_script)
+    combined = Results(workdir="", step=0, train_length=16)
+    for label, value in (("rope#0", 2.0), ("rope#1", 2.5), ("rope#2", 3.0), ("alibi", 9.0),
+                         ("rope#0 + yarn:auto", 1.0), ("rope#1 + yarn:auto", 1.5)):
+        combined.rows.append({"method": label, "mode": NONOVERLAPPING, "length": 32,
+                              "metric": "bits_per_byte", "value": value})
+    text = combine_script.seed_spread(combined)
+    assert "| rope | 2.500 +- 0.500 [2.000, 3.000] (3) |" in text
+    assert "| rope + yarn:auto | 1.250 +- 0.354 [1.000, 1.500] (2) |" in text
+    assert "alibi" not in text
