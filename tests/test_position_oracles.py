@@ -190,16 +190,30 @@ def test_training_free_methods_equal_their_definition(method):
                                    atol=1e-4)
 
 
-def test_dynamic_ntk_decodes_at_the_current_length():
-    """Each decode step of dynamic NTK equals the definition at that step's length."""
+def test_dynamic_ntk_prefills_and_decodes_at_the_current_length():
+    """Dynamic NTK in chunked prefill (chunks of 7) and decoding: the outputs of a call
+    that ends at length n equal the definition at length n (all its queries and keys
+    encoded with n's base)."""
     mixer = _mixer(**method_overrides("dynamic_ntk:4", train_length=L, eval_length=T))
     params = _params(mixer)
     streamed = _stream(mixer, params, jnp.asarray(X), prefill=L + 3)[0]
-    for n in (L + 3, L + 4, T):
+    step = jax.jit(lambda x, c: mixer.apply(params, x, cache=c))
+    cache, chunks = mixer.init_cache(1, T), []
+    for lo in range(0, T, 7):
+        y, cache = step(jnp.asarray(X[:, lo:lo + 7]), cache)
+        chunks.append(y[0])
+    chunked = np.concatenate(chunks)
+
+    def definition(n):
         q_pos, k_pos, visible, scale, _ = dense_pairs("none")
         freqs = theta(BASE * max(1.0, 4 * n / L - 3) ** (D / (D - 2)))
-        expected = dense_attention(params, X, q_pos, k_pos, visible, scale, freqs)
-        np.testing.assert_allclose(streamed[n - 1], expected[n - 1], atol=1e-4)
+        return dense_attention(params, X, q_pos, k_pos, visible, scale, freqs)
+
+    for n in (L + 3, L + 4, T):
+        np.testing.assert_allclose(streamed[n - 1], definition(n)[n - 1], atol=1e-4)
+    for lo in (7, 14, 35):  # chunks ending at 14, 21 (past L = 12) and 40
+        n = min(lo + 7, T)
+        np.testing.assert_allclose(chunked[lo:n], definition(n)[lo:n], atol=1e-4)
 
 
 # ---- position schemes -----------------------------------------------------------------------
