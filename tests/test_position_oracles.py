@@ -329,3 +329,13 @@ def test_learned_positions_past_the_table_are_an_error_not_a_clamp():
         table.apply(params, jnp.arange(9)[None])
     traced = jax.jit(table.apply)(params, jnp.arange(10)[None])[0]
     assert np.isfinite(traced[:8]).all() and np.isnan(traced[8:]).all()
+
+
+def test_giraffe_at_the_training_length_keeps_the_pairs_that_turn_within_it():
+    """At n = L the band (a, b) is empty: pairs turning at least once over L keep theta,
+    the others get 0 (the evaluation's 1x column)."""
+    overrides = method_overrides("giraffe", train_length=L, eval_length=L)
+    params = dict(overrides["rope_scaling_params"])
+    got = P.rope_frequencies(D, base=BASE, scaling="truncated", params=params)
+    np.testing.assert_allclose(got, np.where(theta() >= 2 * math.pi / L, theta(), 0.0))
+    assert _mixer(**overrides).apply(_params(_mixer(**overrides)), jnp.asarray(X[:, :L]))

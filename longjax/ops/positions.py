@@ -47,7 +47,8 @@ ROPE_SCALING_PARAMS = {
     # training length (short) and beyond it (long).
     "longrope": {"short_factor": None, "long_factor": None, "attention_factor": None},
     # Giraffe's truncated basis (Pal et al. 2023, Sec. 3.3): frequencies >= b kept, those
-    # in (a, b) set to rho, those <= a to 0 (radians per position; `giraffe_params`).
+    # in (a, b) set to rho, those <= a to 0 (radians per position, 0 <= a <= b; see
+    # `giraffe_params`).
     "truncated": {"a": None, "b": None, "rho": None},
 }
 _REQUIRED = {"longrope": ("short_factor", "long_factor"), "truncated": ("a", "b", "rho")}
@@ -70,8 +71,8 @@ def rope_scaling_params(scaling, params=None, *, where="rope_scaling_params"):
         if out[name] is None:
             raise ValueError(f"{where}: rope_scaling={scaling!r} needs {name!r}; give "
                              f"{list(_REQUIRED[scaling])}")
-    if scaling == "truncated" and not (0 <= out["a"] < out["b"] and out["rho"] >= 0):
-        raise ValueError(f"{where}: rope_scaling='truncated' needs 0 <= a < b and rho >= 0; "
+    if scaling == "truncated" and not (0 <= out["a"] <= out["b"] and out["rho"] >= 0):
+        raise ValueError(f"{where}: rope_scaling='truncated' needs 0 <= a <= b and rho >= 0; "
                          f"got a={out['a']!r}, b={out['b']!r}, rho={out['rho']!r}")
     if scaling == "yarn":
         for name in ("beta_fast", "beta_slow"):
