@@ -39,12 +39,14 @@ if [[ ${SMOKE:-0} == 1 ]]; then
   SHORT="train.warmup_steps=1,eval.every_steps=2,checkpoint.every_steps=2,eval.num_batches=1"
   EVAL=(--lengths=256,512 --num_tokens=512 --stride=0 --passkey_samples=0 --batch_size=1)
   TASK_EVAL=(--task_sizes=5,25 --task_samples=4)
+  TASK_SHORT=",$SHORT"
 else
   STEPS=1000; PRE=1000; FT=200; TASK_STEPS=600
   SHORT="eval.every_steps=250,checkpoint.every_steps=250"
   EVAL=(--lengths=$LENGTHS --num_tokens=16384 --stride=0 --passkey_samples=2
         --passkey_depths=0,0.5,1 --batch_size=1)
   TASK_EVAL=(--task_sizes=5,10,15,20,25,30,35,40)
+  TASK_SHORT=""
 fi
 
 seeds_of() { [[ " $SEEDS3 " == *" $1 "* ]] && echo "0 1 2" || echo "0"; }
@@ -101,7 +103,8 @@ finetune() {
 tasks() {
   for t in $TASKS; do
     for s in $TASK_SCHEMES; do
-      train_and_evaluate "$W/${t}_$s" "scheme=$s,task=$t,steps=$TASK_STEPS" "${TASK_EVAL[@]}"
+      train_and_evaluate "$W/${t}_$s" "scheme=$s,task=$t,steps=$TASK_STEPS$TASK_SHORT" \
+          "${TASK_EVAL[@]}"
     done
   done
 }
