@@ -2,9 +2,12 @@
 
 from setuptools import find_packages, setup
 
+# jax and flax lower bounds: the versions the test suite (kernels and lowering included)
+# runs with; older releases are untested (Pallas' compiler parameters and lowering change
+# between JAX releases).
 CORE = [
-    "jax>=0.7.1",
-    "flax>=0.11.0",
+    "jax>=0.10.2",
+    "flax>=0.12.8",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11.0",
     "ml_collections>=1.0.0",
@@ -16,6 +19,8 @@ CORE = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "numpy>=1.26",
+    "safetensors>=0.6",  # longjax.hf reads and writes checkpoints as numpy
+    "tokenizers>=0.21",  # longjax.data.tokenizer reads a checkpoint's tokenizer.json
 ]
 
 EXTRAS = {
@@ -28,9 +33,13 @@ EXTRAS = {
         "nbformat>=5.9",  # tests/test_notebooks.py runs colab/ notebooks
         "nbclient>=0.10",
         "ipykernel>=6.29",
+        "torch>=2.4",  # tests/test_hf*.py: transformers' models are the oracle
+        "transformers>=5.0",
+        # the TPU compiler: tests compile kernels and train steps for TPU topologies
+        "libtpu>=0.0.52; platform_system == 'Linux'",
     ],
-    "gpu": ["jax[cuda12]>=0.7.1"],
-    "tpu": ["jax[tpu]>=0.7.1"],
+    "gpu": ["jax[cuda12]>=0.10.2"],
+    "tpu": ["jax[tpu]>=0.10.2"],
     "notebook": ["jupyter>=1.0", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
 }
 

@@ -193,6 +193,7 @@ def generate(model, params, prompts, *, max_new_tokens, rng=None, temperature=0.
     parameters. The prompts are left-padded (`left_pad`) to a multiple of `prefill_chunk`
     when given, prefilled (`prefill`) and continued for up to `max_new_tokens` tokens
     (`decode`) with `sample_logits(temperature, top_k, top_p)` and `rng` (default key 0).
+    `eos_id=None` never stops early (a tokenizer without an end-of-text token).
     Each row's result equals generating that prompt alone (greedy: the same tokens; the
     sampled ones differ since rows draw different keys). One exception: attention with
     `num_sinks > 0` and the full cache takes the first cache slots as sinks, which are
@@ -207,6 +208,7 @@ def generate(model, params, prompts, *, max_new_tokens, rng=None, temperature=0.
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0; got {temperature}")
+    eos_id = -1 if eos_id is None else eos_id  # None: no end-of-text token, never stop
     tokens, segments, positions = left_pad(prompts, pad_id=pad_id, multiple=prefill_chunk or 1)
     if not (isinstance(params, dict) and "params" in params):
         params = {"params": params}

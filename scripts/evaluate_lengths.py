@@ -9,19 +9,39 @@ linear:S, ntk:S, dynamic_ntk:S, yarn:S, llama3:S (S a factor or "auto" = length 
 length), lm_infinite, streaming, window, self_extend:G:W, logn; combine with "+". Outputs
 go to <workdir>/extrapolation/ (or --output_dir): results.csv, loss_per_position.csv,
 results.md and plots. A checkpoint trained on a synthetic task is evaluated per test size
-(--task_sizes) instead.
+(--task_sizes) instead. Launched as several processes (see scripts/train.py), every
+process evaluates and process 0 writes the outputs.
+
+A Hugging Face checkpoint directory (`--hf`, read by longjax.hf) is evaluated the same
+way on the default corpus (or `--data_path`'s text files) in its own tokens
+(tokenizer.json): perplexity per token, bits per byte of the text, passkey in its tokens.
+Its training length is config.json's (--train_length overrides it):
+
+    python scripts/evaluate_lengths.py --hf=path/to/Llama-3.2-1B --lengths=4096,16384 \\
+        --methods=none,yarn:auto,self_extend:8:1024,streaming --output_dir=out/llama
 """
 
+import functools
 import pathlib
 import sys
 import time
 
+import jax
 from absl import app, flags
 
+from longjax import distributed
 from longjax.eval import report
-from longjax.eval.extrapolation import evaluate_workdir
+from longjax.eval.extrapolation import evaluate_hf, evaluate_workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints/.")
+_HF = flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory, instead of "
+                          "--workdir (needs --output_dir).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype of an --hf model.")
+_TRAIN_LENGTH = flags.DEFINE_integer("train_length", None, "Training length of an --hf "
+                                     "model (default: from its config.json).")
+_DATA_PATH = flags.DEFINE_string("data_path", "", "Folder of text files to score an --hf "
+                                 "model on (default: the embedded corpus).")
 _LENGTHS = flags.DEFINE_list(
     "lengths", [], "Evaluation lengths in tokens (default: 1x, 2x, 4x, 8x, 16x the training "
     "length).")
@@ -47,7 +67,7 @@ _BIN_SPACING = flags.DEFINE_enum("bin_spacing", "log", ["log", "linear"],
                                  "Spacing of the loss-per-position bins.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "Output folder (default: <workdir>/extrapolation).")
-flags.mark_flags_as_required(["workdir"])
+distributed.define_flags()
 
 
 def _numbers(flag, kind):
@@ -61,8 +81,19 @@ def main(argv):
     del argv
     tick = time.perf_counter()
     try:
-        results = evaluate_workdir(
-            _WORKDIR.value, lengths=_numbers(_LENGTHS, int), methods=_METHODS.value,
+        distributed.join_from_flags()
+        if (_WORKDIR.value is None) == (_HF.value is None):
+            raise ValueError("give exactly one of --workdir and --hf")
+        if _HF.value is not None and _OUTPUT_DIR.value is None:
+            raise ValueError("--hf needs --output_dir (the checkpoint folder stays as it is)")
+        if _HF.value is not None:
+            evaluate = functools.partial(evaluate_hf, _HF.value, dtype=_DTYPE.value,
+                                         train_length=_TRAIN_LENGTH.value,
+                                         data_path=_DATA_PATH.value)
+        else:
+            evaluate = functools.partial(evaluate_workdir, _WORKDIR.value)
+        results = evaluate(
+            lengths=_numbers(_LENGTHS, int), methods=_METHODS.value,
             num_tokens=_NUM_TOKENS.value, stride=_STRIDE.value,
             passkey_depths=_numbers(_DEPTHS, float), passkey_samples=_PASSKEY_SAMPLES.value,
             task_sizes=_numbers(_TASK_SIZES, int), task_samples=_TASK_SAMPLES.value,
@@ -70,6 +101,8 @@ def main(argv):
             bin_spacing=_BIN_SPACING.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if jax.process_index() > 0:
+        return
     output_dir = _OUTPUT_DIR.value or pathlib.Path(_WORKDIR.value) / "extrapolation"
     paths = report.write_outputs(results, output_dir)
     print(f"Evaluated in {time.perf_counter() - tick:.0f} s; wrote:")

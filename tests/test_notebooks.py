@@ -16,8 +16,8 @@ from nbclient import NotebookClient
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_quickstart", "02_length_extrapolation", "03_kernels_and_ring_attention",
-             "04_mixer_zoo")
-CELL_TIMEOUT_S = 300  # a hang guard; the four notebooks take seconds each
+             "04_mixer_zoo", "05_pretrained_models")
+CELL_TIMEOUT_S = 300  # a hang guard; the notebooks take seconds each
 # Run first in the kernel: the notebook must import this checkout's longjax (the editable
 # install), not another copy, and never reach its install cell's clone instructions.
 SAME_LONGJAX = f"""\
@@ -31,7 +31,7 @@ def read(name):
     return nbformat.read(REPO / "colab" / f"{name}.ipynb", as_version=4)
 
 
-def test_colab_holds_the_four_notebooks():
+def test_colab_holds_the_notebooks():
     assert sorted(p.stem for p in (REPO / "colab").glob("*.ipynb")) == list(NOTEBOOKS)
 
 
@@ -65,6 +65,12 @@ def test_runs_top_to_bottom(name, tmp_path, monkeypatch, tfds_data_dir):
     monkeypatch.setenv("LONGJAX_WORKDIRS", str(tmp_path))
     monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_data_dir))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    if name == "05_pretrained_models":  # a tiny random Llama with a tokenizer, made here
+        pytest.importorskip("transformers")
+        from hf_models import make_llama_with_tokenizer
+
+        make_llama_with_tokenizer(tmp_path / "checkpoint")
+        monkeypatch.setenv("LONGJAX_HF_CHECKPOINT", str(tmp_path / "checkpoint"))
     notebook = read(name)
     notebook.cells.insert(0, nbformat.v4.new_code_cell(SAME_LONGJAX))
     client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,

@@ -1,12 +1,13 @@
 """Ring attention on 8 simulated devices equals single-device reference attention."""
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from longjax.ops.attention import attention_mask, reference_attention
 from longjax.parallel import (
@@ -39,20 +40,30 @@ def make_inputs(dtype, B=2, T=32, H=4, K=2, D=8):
     return q, k, v, dout, segment_ids
 
 
-def check_strategy(strategy, layout, case, dtype, mesh_sizes, mesh=None):
+def check_strategy(strategy, layout, case, dtype, mesh_sizes, mesh=None, *, presharded=False,
+                   set_mesh=False, **strategy_options):
     """Output and dq/dk/dv of `strategy` on `mesh_sizes` (or `mesh`) match reference
-    attention."""
+    attention. `presharded`: q, k, v arrive sharded over the mesh's batch and sequence
+    axes; `set_mesh`: the mesh is the current one (`jax.set_mesh`), not an argument."""
     q, k, v, dout, segment_ids = make_inputs(dtype)
     mesh = make_mesh(mesh_sizes) if mesh is None else mesh
     options = dict(segment_ids=segment_ids, **CASES[case])
 
-    def value_and_grads(attend):
+    def value_and_grads(attend, q, k, v):
         out, vjp = jax.vjp(attend, q, k, v)
         return out, *vjp(dout)
 
-    sharded = jax.jit(functools.partial(value_and_grads, functools.partial(
-        sequence_parallel_attention, mesh=mesh, strategy=strategy, layout=layout, **options)))()
-    expected = value_and_grads(functools.partial(reference_attention, **options))
+    attend = functools.partial(sequence_parallel_attention, mesh=None if set_mesh else mesh,
+                               strategy=strategy, layout=layout, **options, **strategy_options)
+    inputs = (q, k, v)
+    if presharded:
+        batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+        sharding = NamedSharding(mesh, PartitionSpec(batch, "sequence"))
+        inputs = tuple(jax.device_put(x, sharding) for x in inputs)
+    sharded = jax.jit(functools.partial(value_and_grads, attend))
+    with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+        sharded = sharded(*inputs)
+    expected = value_and_grads(functools.partial(reference_attention, **options), q, k, v)
     for name, got, want in zip(("out", "dq", "dk", "dv"), sharded, expected, strict=True):
         assert got.dtype == want.dtype, name
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -74,11 +85,15 @@ def test_ring_bf16_matches_reference(layout, case):
     check_strategy("ring", layout, case, jnp.bfloat16, {"data": 2, "sequence": 4})
 
 
-def test_ring_on_a_mesh_with_explicit_axes():
-    """jax.make_mesh's default mesh (explicit axis types) works as the global-array API."""
-    mesh = jax.make_mesh((2, 4), ("data", "sequence"))
-    assert jax.sharding.AxisType.Explicit in mesh.axis_types
-    check_strategy("ring", "zigzag", "causal", jnp.float32, None, mesh=mesh)
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+@pytest.mark.parametrize("presharded,set_mesh", [(False, False), (True, False), (True, True)])
+def test_ring_under_jit_on_explicit_and_auto_meshes(axis_type, presharded, set_mesh):
+    """jax.make_mesh's default mesh (explicit axes) and an auto one, with inputs already
+    sharded over the sequence and the mesh passed or set with `jax.set_mesh`."""
+    types = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}
+    mesh = jax.make_mesh((2, 4), ("data", "sequence"), axis_types=(types[axis_type],) * 2)
+    check_strategy("ring", "zigzag", "causal", jnp.float32, None, mesh=mesh,
+                   presharded=presharded, set_mesh=set_mesh)
 
 
 def test_ring_with_heads_over_tensor_axis():

@@ -5,11 +5,13 @@ import functools
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from longjax.data.pipeline import make_dataset
-from longjax.parallel.mesh import batch_sharding, make_mesh
+from longjax.parallel.mesh import MESH_AXES, batch_sharding, make_mesh
 from longjax.train import build_model, create_train_state, put_batch, state_shardings
-from longjax.train.step import loss_and_sums
+from longjax.train.config import apply_overrides
+from longjax.train.step import BATCH_KEYS, loss_and_sums, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,86 @@ def test_loss_and_gradients_match_one_device(setup, mesh_sizes, strategy):
         want = flat_want[path]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "usp"])
+def test_train_step_on_a_mesh_with_explicit_axes(setup, strategy):
+    """jax.make_mesh's default mesh (explicit axes) with the batch already sharded over it
+    (data x sequence): one train step equals the one-device step."""
+    config, batch, _, _ = setup
+    config = config.copy_and_resolve_references()
+    config.model.mixer_options.attention.sequence_parallel = strategy
+    if strategy == "usp":
+        config.model.mixer_options.attention.ulysses_degree = 2
+    model = build_model(config)
+    explicit = jax.make_mesh((2, 1, 1, 4), MESH_AXES)
+    assert set(explicit.axis_types) == {jax.sharding.AxisType.Explicit}
+    sharded = jax.device_put(
+        {k: batch[k] for k in BATCH_KEYS},
+        NamedSharding(explicit, PartitionSpec(("data", "fsdp"), "sequence")))
+    results = []
+    for mesh, inputs in ((make_mesh({"data": 1}, jax.devices()[:1]), batch),
+                         (explicit, sharded)):
+        state = create_train_state(config, model, mesh, jax.random.key(0))
+        results.append(jax.device_get(make_train_step(config, model, mesh)(state, inputs)))
+    (want_state, want_metrics), (state, metrics) = results
+    np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                                 jax.tree.leaves(want_state.params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _one_device_and_sharded(setup, mesh_sizes, **model_overrides):
+    """(one-device, sharded) loss and gradients of the setup's batch for a model with
+    `model_overrides`, and whether the sharded forward runs a `shard_map`."""
+    config, batch, _, _ = setup
+    config = config.copy_and_resolve_references()
+    apply_overrides(config, {f"model.{k}": v for k, v in model_overrides.items()})
+    model = build_model(config)
+    one_device = make_mesh({"data": 1}, jax.devices()[:1])
+    params = jax.device_get(create_train_state(config, model, one_device,
+                                               jax.random.key(0)).params)
+    mesh = make_mesh(mesh_sizes)
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(functools.partial(loss_and_sums, model=model))(
+            params, put_batch(batch, mesh)))
+    return (loss_and_grads(config, batch, params, one_device),
+            loss_and_grads(config, batch, params, mesh), "shard_map" in jaxpr)
+
+
+def _assert_close(got, want):
+    (loss, grads), (want_loss, want_grads) = got, want
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads),
+                            jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+# Every recurrent mixer runs its sequence-parallel form (a shard_map with state passing)
+# on a data=2 x sequence=4 mesh and equals one device.
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "s4d", "s4", "linear_attention",
+                                   "based", "retention", "gla", "deltanet",
+                                   "gated_deltanet", "rglru", "swa"])
+def test_every_mixer_sequence_parallel_equals_one_device(setup, mixer):
+    want, got, split = _one_device_and_sharded(setup, {"data": 2, "sequence": 4},
+                                               mixer=mixer)
+    _assert_close(got, want)
+    assert split, "the sequence-parallel form (a shard_map) runs"
+
+
+@pytest.mark.parametrize("preset,num_layers", [("griffin", 3), ("samba", 2), ("jamba", 8),
+                                               ("based", 2)])
+def test_hybrid_presets_sequence_parallel_equal_one_device(setup, preset, num_layers):
+    from longjax.nn.presets import preset as preset_overrides
+
+    overrides = preset_overrides(preset)
+    want, got, _ = _one_device_and_sharded(
+        setup, {"data": 2, "sequence": 4}, num_layers=num_layers, mixer=overrides["mixer"],
+        **{f"mixer_options.{m}.{k}": v for m, o in overrides["mixer_options"].items()
+           for k, v in o.items()})
+    _assert_close(got, want)
 
 
 def test_mixer_uses_the_configured_strategy_on_a_sequence_mesh(setup):

@@ -60,9 +60,9 @@ def test_run_killed_in_stage_two_resumes_in_stage_two_exactly(tiny_config, tmp_p
         built.append((config.data.seq_len, config.model.mixer_options.attention.rope_base))
         return make_step(config, model, mesh)
 
-    def recording_put(batch, mesh):
+    def recording_put(batch, mesh, **kwargs):
         shapes.append(batch["tokens"].shape)
-        return put(batch, mesh)
+        return put(batch, mesh, **kwargs)
 
     monkeypatch.setattr(loop, "make_train_step", recording_step)
     monkeypatch.setattr(loop, "put_batch", recording_put)

@@ -72,18 +72,26 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
         train_and_evaluate(tiny_config(model__d_model=48), tmp_path)
 
 
-def _train_command(workdir, folder):
-    arg = TINY.replace("steps=6", "steps=120").replace("train.log_every=2", "train.log_every=10")
-    arg = arg.replace("checkpoint.every_steps=3", "checkpoint.every_steps=20")
-    arg = arg.replace("eval.every_steps=3", "eval.every_steps=60")
+def _train_command(workdir, folder, steps=120):
+    """scripts/train.py on the tiny config for `steps`, logging 12 times, checkpointing 6
+    times and evaluating twice."""
+    arg = TINY.replace("steps=6", f"steps={steps}")
+    arg = arg.replace("train.log_every=2", f"train.log_every={steps // 12}")
+    arg = arg.replace("checkpoint.every_steps=3", f"checkpoint.every_steps={steps // 6}")
+    arg = arg.replace("eval.every_steps=3", f"eval.every_steps={steps // 2}")
     return [sys.executable, str(REPO / "scripts/train.py"), f"--config=configs/quickstart.py:{arg}",
             f"--workdir={workdir}", "--config.data.source=files", f"--config.data.path={folder}"]
 
 
-def _final_params(workdir):
+def _final_params(workdir, step=120):
+    """The parameters saved at `step` (by one process or several), on one device here."""
     manager = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints").absolute(),
                                     item_handlers={"state": ocp.StandardCheckpointHandler()})
-    restored = manager.restore(120, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                          manager.item_metadata(step)["state"])
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
     return jax.tree.leaves(restored["state"]["params"])
 
 

@@ -166,11 +166,11 @@ def test_a_run_fine_tunes_through_extension_stages(tiny_config, tmp_path, monkey
                       a.train_length, config.data.pose_length))
         return make_step(config, model, mesh)
 
-    def recording_put(batch, mesh):
+    def recording_put(batch, mesh, **kwargs):
         if "positions" in batch:
             positions[len(built) - 1] = max(positions[len(built) - 1],
                                             int(np.max(batch["positions"])))
-        return put(batch, mesh)
+        return put(batch, mesh, **kwargs)
 
     monkeypatch.setattr(loop, "make_train_step", recording_step)
     monkeypatch.setattr(loop, "put_batch", recording_put)

@@ -30,6 +30,7 @@ def test_ulysses_with_fewer_kv_heads_than_devices():
 def test_ulysses_heads_must_divide():
     q, k, v, _, _ = make_inputs(jnp.float32)  # 4 heads
     with pytest.raises(ValueError, match="number of heads \\(4 on this device\\) must be "
-                                         "divisible by the size 8 of axis 'sequence'"):
+                                         "divisible by the 8 devices of each all-to-all "
+                                         "group of axis 'sequence'"):
         sequence_parallel_attention(q, k, v, mesh=make_mesh({"sequence": 8}),
                                     strategy="ulysses")

@@ -6,11 +6,16 @@ generated per step (`TaskDataset`). Both hand out `batch(step)` dicts of numpy a
 Training reads a stream (`make_train_stream`): `next()` batches and a JSON `state()`
 that `restore` resumes from; dataset decomposition's stream draws one length bucket per
 step (`longjax.data.decomposition`).
+
+Multi-host: each process reads only the rows of a global batch that its devices hold
+(`rows`, from `longjax.train.step.process_rows`); the packed text is indexed per row, so
+the other rows are never gathered.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -19,14 +24,17 @@ from longjax.data import best_fit, decomposition, packing, sources, tokenizer
 POSE_STREAM = 7  # the random stream of PoSE's positions, apart from the shuffles
 
 
-def load_token_docs(data_config, split: str, *, seed: int) -> list[np.ndarray]:
-    """The split's documents as token arrays; the train split in an order shuffled by
-    `seed` (so concat-and-chunk mixes documents across rows)."""
+def load_token_docs(data_config, split: str, *, seed: int, tok=None) -> list[np.ndarray]:
+    """The split's documents as token arrays, BOS / EOS framed, in the tokens of `tok`
+    (default: `data_config.tokenizer`'s tokenizer.json, or bytes when it is ""); the train
+    split in an order shuffled by `seed` (so concat-and-chunk mixes documents across
+    rows)."""
     docs = sources.load_documents(data_config, split)
     if not docs:
         raise ValueError(f"config.data: the {split!r} split of source "
                          f"{data_config.source!r} has no documents")
-    token_docs = [tokenizer.encode(text) for text in docs]
+    tok = tok or tokenizer.load(data_config.get("tokenizer") or None)
+    token_docs = [tok.encode(text) for text in docs]
     if split == "train":
         order = np.random.default_rng(seed).permutation(len(token_docs))
         token_docs = [token_docs[i] for i in order]
@@ -82,14 +90,16 @@ class PackedDataset:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_rows)
 
-    def batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        """Batch number `step`: rows `step * batch_size ...`.
+    def batch(self, step: int, batch_size: int,
+              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Batch number `step`: rows `step * batch_size ...` (only `rows` of them, indices
+        in [0, batch_size), when given).
 
         Shuffled (train): the order is reshuffled every epoch and batches run on forever.
         Unshuffled (evaluation): rows in order; rows past the end get weight 0.
         With PoSE, the positions are drawn from (seed, step).
         """
-        index = step * batch_size + np.arange(batch_size)
+        index = step * batch_size + (np.arange(batch_size) if rows is None else rows)
         if self.shuffle:
             epochs, offsets = np.divmod(index, self.num_rows)
             picks = np.array([self._epoch_order(int(e))[o]
@@ -120,10 +130,14 @@ class TaskDataset:
         self._tasks = tasks
         self.name, self.options, self.seed, self.seq_len = name, dict(options), seed, seq_len
 
-    def batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        return self._tasks.task_batch(self.name, seed=self.seed, step=step,
-                                      batch_size=batch_size, seq_len=self.seq_len,
-                                      **self.options)
+    def batch(self, step: int, batch_size: int,
+              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Batch number `step` (only `rows` of it when given: a task draws its rows
+        together, so the whole batch is generated and sliced)."""
+        batch = self._tasks.task_batch(self.name, seed=self.seed, step=step,
+                                       batch_size=batch_size, seq_len=self.seq_len,
+                                       **self.options)
+        return batch if rows is None else {k: v[rows] for k, v in batch.items()}
 
 
 def make_dataset(config, split: str, *, seq_len: int | None = None):
@@ -136,15 +150,21 @@ def make_dataset(config, split: str, *, seq_len: int | None = None):
     return PackedDataset.from_config(d, split, seed=config.seed, seq_len=seq_len)
 
 
-class PackedStream:
-    """Batches `index, index + 1, ...` of a `PackedDataset` or `TaskDataset`."""
+RowSelector = Callable[[int], np.ndarray]  # global batch size -> rows this process reads
 
-    def __init__(self, dataset, batch_size: int, index: int = 0):
+
+class PackedStream:
+    """Batches `index, index + 1, ...` of a `PackedDataset` or `TaskDataset` (the rows
+    `rows(batch_size)` of each, when given)."""
+
+    def __init__(self, dataset, batch_size: int, index: int = 0, rows: RowSelector | None = None):
         self.dataset, self.batch_size, self.index = dataset, batch_size, index
+        self.rows = rows
         self.stats = getattr(dataset, "stats", {})
 
     def next(self) -> dict[str, np.ndarray]:
-        batch = self.dataset.batch(self.index, self.batch_size)
+        rows = None if self.rows is None else self.rows(self.batch_size)
+        batch = self.dataset.batch(self.index, self.batch_size, rows)
         self.index += 1
         return batch
 
@@ -156,15 +176,24 @@ class PackedStream:
 
 
 class DecomposedStream:
-    """Dataset decomposition: each step one bucket's batch, drawn by the curriculum."""
+    """Dataset decomposition: each step one bucket's batch, drawn by the curriculum (the
+    rows `rows(batch_size)` of it, when given); `batch_size` is the global rows of the
+    latest batch."""
+
+    batch_size = 0
 
     def __init__(self, dataset: decomposition.DecomposedDataset,
-                 sampler: decomposition.CurriculumSampler, positions: str = "row"):
-        self.dataset, self.sampler, self.positions = dataset, sampler, positions
+                 sampler: decomposition.CurriculumSampler, rows: RowSelector | None = None,
+                 positions: str = "row"):
+        self.dataset, self.sampler, self.rows = dataset, sampler, rows
+        self.positions = positions
         self.stats = dataset.stats()
 
     def next(self) -> dict[str, np.ndarray]:
         length, picks = self.sampler.next()
+        self.batch_size = len(picks)
+        if self.rows is not None:
+            picks = picks[self.rows(len(picks))]
         return packing.rows_to_batch(self.dataset.rows(length, picks),
                                      positions=self.positions)
 
@@ -175,12 +204,13 @@ class DecomposedStream:
         self.sampler.restore(state)
 
 
-def make_train_stream(config, *, index: int = 0):
-    """The training stream of `config.data` (its `packing`), at batch `index`; a
-    decomposition stream starts at its beginning (resume it with `restore`)."""
+def make_train_stream(config, *, index: int = 0, rows: RowSelector | None = None):
+    """The training stream of `config.data` (its `packing`), at batch `index`, reading the
+    rows `rows(batch_size)` of each batch (default: all); a decomposition stream starts at
+    its beginning (resume it with `restore`)."""
     d = config.data
     if d.packing != "decomposition":
-        return PackedStream(make_dataset(config, "train"), d.batch_size, index)
+        return PackedStream(make_dataset(config, "train"), d.batch_size, index, rows)
     dataset = decomposition.DecomposedDataset(load_token_docs(d, "train", seed=config.seed),
                                               d.bucket_lengths)
     odds = decomposition.curriculum_odds(d.curriculum, d.bucket_lengths)
@@ -188,4 +218,4 @@ def make_train_stream(config, *, index: int = 0):
         {n: dataset.num_rows(n) for n in dataset.bucket_lengths}, odds,
         tokens_per_step=d.batch_size * d.seq_len,
         cycle_steps=-(-config.train.steps // d.curriculum_cycles), seed=config.seed)
-    return DecomposedStream(dataset, sampler, d.positions)
+    return DecomposedStream(dataset, sampler, rows, d.positions)

@@ -209,32 +209,37 @@ def _passkey_seq_len(depth, num_digits):
             f"the needle and question (num_digits={num_digits})")
 
 
-def _filler(size: int) -> tuple[str, np.ndarray]:
-    """The whole filler sentences that fit in `size` bytes, and the offsets of their
-    boundaries (0 and the end included)."""
-    ends = [0]
-    for sentence in itertools.cycle(_FILLER):
-        if ends[-1] + len(sentence) > size:
-            break
-        ends.append(ends[-1] + len(sentence))
-    text = "".join(itertools.islice(itertools.cycle(_FILLER), len(ends) - 1))
-    return text, np.array(ends)
-
-
-def _passkey(rng, batch_size, seq_len, depth, num_digits):
-    room = seq_len - _passkey_seq_len(depth, num_digits)[0]
-    filler, boundaries = _filler(room)
-    spaces = " " * (room - len(filler))
+def _passkey(rng, batch_size, seq_len, depth, num_digits, encode=_ascii):
+    """Passkey rows built from pieces each encoded by `encode` (text -> ids; bytes by
+    default): whole filler sentences, the needle at the sentence boundary nearest `depth`
+    x the filler's length, one-token spaces for the room left, the question, the key."""
+    sentences = [encode(text) for text in _FILLER]
+    space = encode(" ")
+    if len(space) != 1:
+        raise ValueError(f"passkey: the tokenizer must encode ' ' as one token; got {space}")
     tokens = np.zeros((batch_size, seq_len), np.int32)
+    weights = np.zeros((batch_size, seq_len), np.float32)
     for row in range(batch_size):
         key = _digits(rng, num_digits)
         uniform = rng.random()  # drawn at every depth, so the keys do not depend on it
         row_depth = uniform if depth == -1 else depth
-        cut = boundaries[np.abs(boundaries - row_depth * len(filler)).argmin()]
-        tokens[row] = _ascii(filler[:cut] + _needle(key) + filler[cut:] + spaces
-                             + _question(key))
-    weights = np.zeros((batch_size, seq_len), np.float32)
-    weights[:, seq_len - 1 - num_digits:seq_len - 1] = 1.0
+        needle, question, key_ids = encode(_needle(key)), encode(_question("")), encode(key)
+        room = seq_len - len(needle) - len(question) - len(key_ids)
+        if room < 0:
+            raise ValueError(f"passkey: seq_len={seq_len} is too short for the needle and "
+                             f"question ({seq_len - room} tokens)")
+        filler, ends = [], [0]
+        for sentence in itertools.cycle(sentences):
+            if ends[-1] + len(sentence) > room:
+                break
+            filler.append(sentence)
+            ends.append(ends[-1] + len(sentence))
+        ends = np.array(ends)
+        cut = int(np.abs(ends - row_depth * ends[-1]).argmin())
+        tokens[row] = np.concatenate(
+            [*filler[:cut], needle, *filler[cut:], np.repeat(space, room - ends[-1]),
+             question, key_ids])
+        weights[row, seq_len - 1 - len(key_ids):seq_len - 1] = 1.0
     return tokens, weights, np.ones_like(tokens)
 
 
@@ -269,10 +274,15 @@ def task_seq_len(name: str, max_length: int | None = None, **options) -> int:
     return _SPECS[name].seq_len(**_options(name, options))[0]
 
 
-def task_batch(name, *, seed, step, batch_size, seq_len, **options) -> dict[str, np.ndarray]:
+def task_batch(name, *, seed, step, batch_size, seq_len, encode=None,
+               **options) -> dict[str, np.ndarray]:
     """One batch of task `name` (see the module doc); the same `(seed, step)` gives the
-    same batch."""
+    same batch. `encode` (text -> ids, e.g. a checkpoint tokenizer's) builds `passkey`
+    rows from that tokenizer's tokens instead of bytes."""
     options = _options(name, options)
+    if encode is not None and name != "passkey":
+        raise ValueError(f"{name}: only the passkey task takes a tokenizer (encode=); the "
+                         f"others are symbol sequences")
     if batch_size < 1 or seq_len < 2:
         raise ValueError(f"batch_size must be >= 1 and seq_len >= 2; got {batch_size}, "
                          f"{seq_len}")
@@ -281,7 +291,9 @@ def task_batch(name, *, seed, step, batch_size, seq_len, **options) -> dict[str,
         raise ValueError(f"{name}: seq_len={seq_len} is too short for {what}; it needs "
                          f"seq_len >= {needed} (see task_seq_len)")
     rng = np.random.default_rng([seed, step, list(_SPECS).index(name)])
-    tokens, weights, segment_ids = _SPECS[name].generate(rng, batch_size, seq_len, **options)
+    tokenized = {} if encode is None else {"encode": encode}
+    tokens, weights, segment_ids = _SPECS[name].generate(rng, batch_size, seq_len, **options,
+                                                         **tokenized)
     targets = np.full_like(tokens, PAD)
     targets[:, :-1] = np.where(segment_ids[:, 1:] > 0, tokens[:, 1:], PAD)
     return {

@@ -47,12 +47,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from longjax import hf
 from longjax.data import tasks
+from longjax.data import tokenizer as tokenizer_lib
 from longjax.data.pipeline import load_token_docs
 from longjax.eval.methods import apply_method
 from longjax.generate import load_model
 from longjax.nn import DecoderLM
 from longjax.train import stages as stages_lib
+from longjax.train.config import base_config
 
 NONOVERLAPPING = "nonoverlapping"
 PASSKEY = "passkey"
@@ -62,11 +65,13 @@ _ROW_KEYS = ("tokens", "segment_ids", "positions", "targets")
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A training workdir's config (as its last stage trained it), parameters and step."""
+    """A training workdir's config (as its last stage trained it), parameters and step,
+    and the tokenizer of its text (bytes; an imported checkpoint's `tokenizer.json`)."""
 
     config: ml_collections.ConfigDict
     params: dict
     step: int
+    tokenizer: object = dataclasses.field(default_factory=tokenizer_lib.ByteTokenizer)
 
     @property
     def train_length(self) -> int:
@@ -114,6 +119,27 @@ def load_checkpoint(workdir) -> Checkpoint:
         json.loads((pathlib.Path(workdir) / "config.json").read_text()))
     config = stages_lib.stage_config(config, stages_lib.schedule(config)[-1])
     return Checkpoint(config, params, step)
+
+
+def load_hf_checkpoint(path, *, dtype="float32", train_length=None,
+                       data_path="") -> Checkpoint:
+    """A Hugging Face checkpoint directory (`longjax.hf`) with its tokenizer, evaluated on
+    the default corpus (or the text files under `data_path`). Its training length is
+    `train_length`, else the RoPE scaling's original length or `max_position_embeddings`
+    from config.json."""
+    hf_config = hf.read_config(path)
+    model, params = hf.load(path, dtype=dtype)
+    config = base_config()
+    config.model = ml_collections.ConfigDict(model.model.to_dict())
+    length = (train_length or config.model.mixer_options.attention.get("train_length")
+              or hf_config.get("max_position_embeddings"))
+    if not length:
+        raise ValueError(f"{path}: config.json gives no training length "
+                         f"(max_position_embeddings); pass train_length (--train_length)")
+    config.data.seq_len = int(length)
+    if data_path:
+        config.data.source, config.data.path = "files", str(data_path)
+    return Checkpoint(config, {"params": params}, 0, tokenizer_lib.load(path))
 
 
 # --- Text: passages, windows, scores -------------------------------------------------
@@ -189,12 +215,15 @@ def score_rows(model, params, rows: dict[str, np.ndarray], *,
     return np.concatenate(nll), np.concatenate(hits)
 
 
-def text_metrics(nll, targets, weights) -> dict[str, float]:
-    """Bits per byte (the nats over the byte targets, / ln 2) and perplexity (exp of the
-    mean nats per token) of the weighted targets."""
+def text_metrics(nll, targets, weights, token_bytes=None) -> dict[str, float]:
+    """Bits per byte (the nats over the UTF-8 bytes of the targets' text, / ln 2) and
+    perplexity per token (exp of the mean nats per token) of the weighted targets;
+    `token_bytes` `[V]` gives each id's bytes (default: the byte tokenizer's)."""
+    if token_bytes is None:
+        token_bytes = tokenizer_lib.ByteTokenizer().token_bytes()
     loss_sum = float(np.sum(nll * weights, dtype=np.float64))
     count = max(float(np.sum(weights)), 1.0)
-    num_bytes = max(float(np.sum(weights * (targets < 256))), 1.0)
+    num_bytes = max(float(np.sum(weights * np.take(token_bytes, targets, mode="clip"))), 1.0)
     return {"bits_per_byte": loss_sum / (math.log(2) * num_bytes),
             "perplexity": math.exp(loss_sum / count)}
 
@@ -235,17 +264,22 @@ def accuracy(hits, weights) -> dict[str, float]:
             "exact_match": float(exact.sum() / max(scored.sum(), 1))}
 
 
-def passkey_rows(length: int, depth: float, *, samples: int, seed: int) -> dict[str, np.ndarray]:
+def passkey_rows(length: int, depth: float, *, samples: int, seed: int,
+                 tok=None) -> dict[str, np.ndarray]:
     """`samples` passkey rows of `length` tokens with the needle at `depth` (the same keys
-    at every depth)."""
+    at every depth), in bytes or in the tokens of `tok`."""
+    encode = None
+    if tok is not None and not isinstance(tok, tokenizer_lib.ByteTokenizer):
+        encode = functools.partial(tok.encode, add_bos=False, add_eos=False)
     return tasks.task_batch(PASSKEY, seed=seed, step=0, batch_size=samples, seq_len=length,
-                            depth=float(depth))
+                            depth=float(depth), encode=encode)
 
 
 def passkey_accuracy(model, params, length: int, depths, *, samples: int, seed: int,
-                     batch_size: int) -> list[float]:
+                     batch_size: int, tok=None) -> list[float]:
     """Passkey exact match at each needle depth (`samples` rows each, scored together)."""
-    rows = [passkey_rows(length, depth, samples=samples, seed=seed) for depth in depths]
+    rows = [passkey_rows(length, depth, samples=samples, seed=seed, tok=tok)
+            for depth in depths]
     merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     _, hits = score_rows(model, params, merged, batch_size=batch_size)
     return [accuracy(hits[i * samples:(i + 1) * samples], r["weights"])["exact_match"]
@@ -316,7 +350,9 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
     methods = tuple(dict.fromkeys(methods))
     _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size)
     models = _models(checkpoint, methods, lengths)
-    docs = load_token_docs(checkpoint.config.data, "validation", seed=checkpoint.config.seed)
+    docs = load_token_docs(checkpoint.config.data, "validation", seed=checkpoint.config.seed,
+                           tok=checkpoint.tokenizer)
+    token_bytes = checkpoint.tokenizer.token_bytes()
     passages = text_passages(docs, length=max(lengths), num_tokens=num_tokens)
     results.scored_tokens = passages.size - len(passages)
     passkey_min = tasks.task_seq_len(PASSKEY)
@@ -327,11 +363,13 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
             tick = time.perf_counter()
             model = models[method, n]
             _score_text(results, method, n, model, checkpoint.params, passages, stride=stride,
-                        num_bins=num_bins, bin_spacing=bin_spacing, batch_size=batch_size)
+                        num_bins=num_bins, bin_spacing=bin_spacing, batch_size=batch_size,
+                        token_bytes=token_bytes)
             if passkey_samples and n >= passkey_min:
                 accuracies = passkey_accuracy(
                     model, checkpoint.params, n, passkey_depths, samples=passkey_samples,
-                    seed=checkpoint.config.seed + EVAL_SEED_OFFSET, batch_size=batch_size)
+                    seed=checkpoint.config.seed + EVAL_SEED_OFFSET, batch_size=batch_size,
+                    tok=checkpoint.tokenizer)
                 for depth, value in zip(passkey_depths, accuracies, strict=True):
                     results.add(method, f"{PASSKEY}@{depth:g}", n, {"accuracy": value})
                 results.add(method, PASSKEY, n, {"accuracy": np.mean(accuracies)})
@@ -341,13 +379,13 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
 
 
 def _score_text(results, method, n, model, params, passages, *, stride, num_bins, bin_spacing,
-                batch_size) -> None:
+                batch_size, token_bytes) -> None:
     """Adds the bits per byte and perplexity of the passages at length `n` (non-overlapping
     and, unless `stride == 0`, sliding windows) and the loss curve to `results`."""
     windows = text_windows(passages, n, n)
     nll, _ = score_rows(model, params, windows, batch_size=batch_size)
     results.add(method, NONOVERLAPPING, n,
-                text_metrics(nll, windows["targets"], windows["weights"]))
+                text_metrics(nll, windows["targets"], windows["weights"], token_bytes))
     results.loss_curves.extend(
         {"method": method, "length": n, "start": a, "stop": b, "count": c, "loss": loss}
         for a, b, c, loss in loss_per_position(nll, windows["weights"], num_bins=num_bins,
@@ -359,7 +397,7 @@ def _score_text(results, method, n, model, params, passages, *, stride, num_bins
         windows = text_windows(passages, n, step)
         nll, _ = score_rows(model, params, windows, batch_size=batch_size)
     results.add(method, f"sliding:{stride or 'n/2'}", n,
-                text_metrics(nll, windows["targets"], windows["weights"]))
+                text_metrics(nll, windows["targets"], windows["weights"], token_bytes))
 
 
 def _evaluate_task(checkpoint, results, *, methods, sizes, samples, batch_size) -> None:
@@ -393,3 +431,12 @@ def _summary(results: Results, method: str, length: int) -> str:
 def evaluate_workdir(workdir, **kwargs) -> Results:
     """`evaluate(load_checkpoint(workdir), **kwargs)`."""
     return evaluate(load_checkpoint(workdir), workdir=workdir, **kwargs)
+
+
+def evaluate_hf(path, *, dtype="float32", train_length=None, data_path="",
+                **kwargs) -> Results:
+    """`evaluate(load_hf_checkpoint(path, ...), **kwargs)`: a Hugging Face checkpoint on
+    the default corpus (or `data_path`'s files), tokenized by its own tokenizer."""
+    checkpoint = load_hf_checkpoint(path, dtype=dtype, train_length=train_length,
+                                    data_path=data_path)
+    return evaluate(checkpoint, workdir=path, **kwargs)

@@ -30,6 +30,15 @@ Self-Extend (Jin et al. 2024, "LLM Maybe LongLM"; `self_extend_group` G > 0,
 `self_extend_window` N): keys within N tokens use RoPE as trained; farther keys use
 grouped positions floor(s / G) against the query's floor(t / G) + N - floor(N / G); both
 parts are merged by logsumexp, a single softmax over all keys.
+
+Projections: `qkv_bias` / `out_bias` add biases to the q, k, v / output projections
+(Qwen2; Llama's `attention_bias` sets both); `scale` replaces the score scale
+`head_dim ** -0.5` (Gemma 2's `query_pre_attn_scalar ** -0.5`).
+
+The mixer is registered twice, as `"attention"` and `"local_attention"`, the same module
+with two sets of options, so a layer pattern can mix global and windowed layers
+(`"(local_attention,attention)*13"` with `mixer_options.local_attention.window`, Gemma 2).
+The training-free methods of `longjax.eval.methods` change `"attention"` layers.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from longjax.nn.position_bias import FireBias, KerpleLogBias, T5Bias
 from longjax.nn.registry import register_mixer
 from longjax.ops import positions as positions_lib
 from longjax.ops.attention import alibi_bias, dot_product_attention, merge_attention
+from longjax.parallel.mesh import sequence_mesh
 from longjax.parallel.sequence_parallel import sequence_parallel_attention
 
 CACHE_MODES = ("full", "rolling", "streaming", "lm_infinite")
@@ -65,7 +75,8 @@ class AttentionMixer(nn.Module):
 
     Without a cache, when the current mesh (`jax.set_mesh`) has a `sequence` axis of size
     > 1, attention runs sequence-parallel with strategy `sequence_parallel` ("ring",
-    "all_gather", "ulysses") and token `layout` ("zigzag", "contiguous", "striped").
+    "all_gather", "ulysses", or "usp" with Ulysses groups of `ulysses_degree` devices) and
+    token `layout` ("zigzag", "contiguous", "striped").
     """
 
     num_heads: int
@@ -89,8 +100,12 @@ class AttentionMixer(nn.Module):
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
     sequence_parallel: str = "ring"
+    ulysses_degree: int | None = None
     layout: str = "zigzag"
     cache_mode: str = "full"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    scale: float | None = None
 
     def _check(self):
         """Raises ValueError naming the option for bad position / extension settings."""
@@ -151,9 +166,10 @@ class AttentionMixer(nn.Module):
         self._check()
         B, T, _ = x.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = dense((H, D), axes=("embed", "heads", "kv"), dtype=self.dtype, name="query")(x)
-        k = dense((K, D), axes=("embed", "kv_heads", "kv"), dtype=self.dtype, name="key")(x)
-        v = dense((K, D), axes=("embed", "kv_heads", "kv"), dtype=self.dtype, name="value")(x)
+        q, k, v = (dense((n, D), axes=("embed", heads, "kv"), dtype=self.dtype, name=name,
+                         use_bias=self.qkv_bias)(x)
+                   for name, n, heads in (("query", H, "heads"), ("key", K, "kv_heads"),
+                                          ("value", K, "kv_heads")))
         bias = self._bias_module()
         shared_positions = positions is None  # one row of positions serves the batch
         if positions is None:
@@ -168,7 +184,7 @@ class AttentionMixer(nn.Module):
                              f"{positions_lib.XPOS_MAX_SPAN} tokens per call in float32; got "
                              f"{T} (feed longer inputs in chunks through a cache)")
         enc = dict(length=length, offset=offset)
-        options = dict(softcap=self.softcap, impl=self.impl)
+        options = dict(softcap=self.softcap, scale=self.scale, impl=self.impl)
         streaming_rule = self.num_sinks and self.cache_mode in ("streaming", "lm_infinite")
         if (cache is not None and self._bounded_cache()) or (cache is None and streaming_rule):
             bounded = cache if cache is not None else self.init_cache(B, 0, q.dtype)
@@ -187,13 +203,14 @@ class AttentionMixer(nn.Module):
         q, k = self._query(q, positions, enc), self._key(k, positions, enc)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         options.update(window=self.window, num_sinks=self.num_sinks)
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.shape.get("sequence", 1) > 1:
+        mesh = sequence_mesh()
+        if mesh is not None:
             if self.position not in (*ROTARY, "none"):
                 raise ValueError(f"sequence-parallel attention supports {_OPTIONS}.position in "
                                  f"{[*ROTARY, 'none']}; got {self.position!r}")
             out = sequence_parallel_attention(
                 q, k, v, mesh=mesh, strategy=self.sequence_parallel, layout=self.layout,
+                ulysses_degree=self.ulysses_degree,
                 causal=True, segment_ids=segment_ids, **options)
         else:
             score_pos = positions[:1] if shared_positions else positions
@@ -204,11 +221,12 @@ class AttentionMixer(nn.Module):
     def _out(self, x, out):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return dense(x.shape[-1], axes=("heads", "kv", "embed"), dtype=self.dtype, name="out",
-                     num_input_dims=2)(out)
+                     num_input_dims=2, use_bias=self.out_bias)(out)
 
     def _blockwise(self):
-        """True when attention runs the blockwise "xla" impl (its block size is ours)."""
-        return self.impl == "xla" or (self.impl == "auto" and jax.default_backend() == "cpu")
+        """True when one query runs a path whose key block size is ours: "xla", or the
+        split-cache path "split_kv", which `impl="auto"` takes for one query."""
+        return self.impl in ("auto", "xla", "split_kv")
 
     def _bias_module(self):
         """The learned score-bias module of `position` (t5, kerple, fire) or None."""
@@ -337,7 +355,7 @@ class AttentionMixer(nn.Module):
         """Attention through the full cache. Slots order the keys (the mask); the scheme
         sees positions, slot + (the row's position - its slot), so left padding is free.
         One query with `impl="auto"` takes the split-cache decode path
-        (`ops.attention.split_kv_attention`)."""
+        (`ops.attention.split_kv_attention`, chosen by `longjax.ops.impl`)."""
         B, T = q.shape[:2]
         L, end = cache["k"].shape[1], cache["end"]
         if segment_ids is None:
@@ -361,8 +379,6 @@ class AttentionMixer(nn.Module):
             return out, cache
         if self._keys_at_read():
             keys = self._key(keys, kv_pos, enc)
-        if T == 1 and options["impl"] == "auto":  # one query: the cache split, no loop
-            options = {**options, "impl": "split_kv"}
         out = dot_product_attention(
             self._query(q, positions, enc), keys, values, causal=True,
             segment_ids=segment_ids, kv_segment_ids=cache["segment_ids"],
@@ -412,16 +428,15 @@ def _write_slots(cache, new, num_sinks, window):
     return out
 
 
-@register_mixer(
-    "attention",
-    defaults={"impl": "auto", "window": None, "num_sinks": 0, "softcap": None,
-              "position": "rope", "rope_base": 10000.0, "rope_fraction": 1.0,
-              "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_scaling_params": (),
-              "train_length": None,
-              "logn_scaling": False, "self_extend_group": 0, "self_extend_window": 0,
-              "t5_num_buckets": 32, "t5_max_distance": 128, "sequence_parallel": "ring",
-              "layout": "zigzag", "cache_mode": "full"},
-)
+_DEFAULTS = {"impl": "auto", "window": None, "num_sinks": 0, "softcap": None,
+             "position": "rope", "rope_base": 10000.0, "rope_fraction": 1.0,
+             "rope_scaling": "none", "rope_scaling_factor": 1.0, "rope_scaling_params": (),
+             "train_length": None, "logn_scaling": False, "self_extend_group": 0,
+             "self_extend_window": 0, "t5_num_buckets": 32, "t5_max_distance": 128,
+             "sequence_parallel": "ring", "ulysses_degree": None, "layout": "zigzag",
+             "cache_mode": "full", "qkv_bias": False, "out_bias": False, "scale": None}
+
+
 def build_attention(model, options, **module_kwargs):
     options = {**options, "rope_scaling_params": positions_lib.canonical_rope_params(
         options["rope_scaling_params"])}
@@ -430,3 +445,7 @@ def build_attention(model, options, **module_kwargs):
         head_dim=model.head_dim or model.d_model // model.num_heads,
         dtype=jnp.dtype(model.dtype), **options, **module_kwargs,
     )
+
+
+for _name in ("attention", "local_attention"):
+    register_mixer(_name, defaults=_DEFAULTS)(build_attention)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,12 +19,14 @@ class Projection(nn.Module):
 
     The kernel carries logical axis names `axes` (one per kernel dimension) for the
     sharding rules, and is initialised with fan-in scaling over all input dimensions.
+    With `use_bias`, a bias `[*features]` (zeros at init) is added.
     """
 
     features: tuple[int, ...]
     axes: tuple[str, ...]
     num_input_dims: int = 1
     dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -33,20 +37,28 @@ class Projection(nn.Module):
             out_axis=tuple(range(n, n + len(features))))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                             x.shape[-n:] + features, jnp.float32)
-        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.axes[n:]), features, jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
-def dense(features, *, axes, dtype, name=None, num_input_dims=1):
-    """A bias-free `Projection` to `features` (an int or a tuple of ints)."""
+def dense(features, *, axes, dtype, name=None, num_input_dims=1, use_bias=False):
+    """A `Projection` to `features` (an int or a tuple of ints), bias-free by default."""
     features = (features,) if isinstance(features, int) else tuple(features)
-    return Projection(features, tuple(axes), num_input_dims, dtype, name=name)
+    return Projection(features, tuple(axes), num_input_dims, dtype, use_bias, name=name)
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm (Zhang & Sennrich 2019), statistics in fp32."""
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), statistics in fp32; with
+    `groups` > 1 each of that many equal slices of the channels is normalised on its own
+    (Mamba-2's gated norm, whose groups are its B/C groups)."""
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -54,20 +66,28 @@ class RMSNorm(nn.Module):
             "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
             (x.shape[-1],), jnp.float32,
         )
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, -1)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale).astype(self.dtype)
+        return (y.reshape(x.shape) * scale).astype(self.dtype)
 
 
-class SwiGLU(nn.Module):
-    """Gated MLP `W2 (silu(W1 x) * W3 x)` (Shazeer 2020)."""
+# Gated MLPs by `config.model.mlp` name: the activation of the gate (GeGLU with the tanh
+# approximation of GELU, as Gemma's `gelu_pytorch_tanh`). "none": blocks without an MLP.
+GATED_MLPS = {"swiglu": nn.silu, "geglu": functools.partial(nn.gelu, approximate=True)}
+MLPS = (*GATED_MLPS, "none")
+
+
+class GatedMLP(nn.Module):
+    """Gated MLP `W2 (act(W1 x) * W3 x)` (Shazeer 2020), `kind` a `GATED_MLPS` name."""
 
     hidden_dim: int
     dtype: jnp.dtype = jnp.float32
+    kind: str = "swiglu"
 
     @nn.compact
     def __call__(self, x):
         gate = dense(self.hidden_dim, axes=("embed", "mlp"), dtype=self.dtype, name="gate")(x)
         up = dense(self.hidden_dim, axes=("embed", "mlp"), dtype=self.dtype, name="up")(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(GATED_MLPS[self.kind](gate) * up,
+                                       ("batch", "length", "mlp"))
         return dense(x.shape[-1], axes=("mlp", "embed"), dtype=self.dtype, name="down")(h)

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 from longjax.nn.attention import AttentionMixer
 from longjax.nn.layers import RMSNorm, dense
 from longjax.nn.registry import register_mixer
-from longjax.ops import linear_attention as la
 from longjax.ops import positions as positions_lib
-from longjax.ops.rglru import rg_lru
+from longjax.parallel import recurrent
 
 
 class ShortConv(nn.Module):
@@ -155,29 +154,30 @@ class LinearAttentionMixer(nn.Module):
     def _op(self, x, q, k, v, common):
         H = self.num_heads
         if self.kind == "linear_attention":
-            return la.linear_attention(q, k, v, feature_map="elu+1", normalize=True, **common)
+            return recurrent.linear("linear_attention", q, k, v, feature_map="elu+1",
+                                    normalize=True, **common)
         if self.kind == "based":
-            return la.based(q, k, v, **common)
+            return recurrent.linear("based", q, k, v, **common)
         if self.kind == "retention":
-            return la.retention(q, k, v, **common)
+            return recurrent.linear("retention", q, k, v, **common)
         if self.kind == "gla":
             low = dense(self.gate_rank, axes=("embed", None), dtype=self.dtype, name="gate_a")(x)
             logits = dense(H * self.head_dim, axes=(None, "heads"), dtype=self.dtype,
                            name="gate_b")(low)
             bias = self.param("gate_bias", nn.initializers.zeros, (H * self.head_dim,))
             g = jax.nn.log_sigmoid((logits + bias).astype(jnp.float32)) / 16.0
-            return la.gla(q, k, v, g.reshape(q.shape), **common)
+            return recurrent.linear("gla", q, k, v, g.reshape(q.shape), **common)
         beta = jax.nn.sigmoid(
             dense(H, axes=("embed", "heads"), dtype=self.dtype, name="beta")(x)
         ).astype(jnp.float32)
         if self.kind == "deltanet":
-            return la.delta_rule(q, k, v, beta, **common)
+            return recurrent.linear("delta_rule", q, k, v, beta, **common)
         a_log = self.param("A_log", lambda key, s: jnp.log(
             jax.random.uniform(key, s, jnp.float32, 1.0, 16.0)), (H,))
         dt_bias = self.param("dt_bias", _dt_bias_init, (H,))
         dt = dense(H, axes=("embed", "heads"), dtype=self.dtype, name="dt")(x)
         g = -jnp.exp(a_log) * jax.nn.softplus(dt.astype(jnp.float32) + dt_bias)
-        return la.gated_delta_rule(q, k, v, g, beta, **common)
+        return recurrent.linear("gated_delta_rule", q, k, v, g, beta, **common)
 
 
 def _l2_normalize(x):
@@ -230,7 +230,7 @@ class RGLRUMixer(nn.Module):
         else:
             initial_state, keep = _continued_state(cache, seg)
             first_is_start = ~keep
-        h, state = rg_lru(h, r, i, a_param, segment_ids=segment_ids,
+        h, state = recurrent.rg_lru(h, r, i, a_param, segment_ids=segment_ids,
                           initial_state=initial_state, first_is_start=first_is_start,
                           return_final_state=True, impl=self.impl)
         y = dense(x.shape[-1], axes=("mlp", "embed"), dtype=self.dtype, name="out")(h * gate)

@@ -1,4 +1,13 @@
-"""Pre-norm decoder language model whose per-layer sequence mixer is chosen by name."""
+"""Pre-norm decoder language model whose per-layer sequence mixer is chosen by name.
+
+Options beyond longjax's own defaults (they express the Hugging Face families that
+`longjax.hf` reads; each defaults to the behaviour of earlier checkpoints):
+`mlp` ("swiglu", "geglu" or "none" for mixer-only blocks as in Mamba), `post_norms`
+(also normalise each sub-block's output before the residual add, Gemma 2),
+`scale_embeddings` (embeddings times sqrt(d_model), Gemma), `scale_tied_logits` (tied
+logits divided by sqrt(d_model); on by default, off for imported checkpoints) and
+`final_logit_softcap` (logits `c tanh(logits / c)`, Gemma 2).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +15,37 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from longjax.nn.layers import RMSNorm, SwiGLU, dense
+from longjax.nn.layers import GatedMLP, RMSNorm, dense
 from longjax.nn.pattern import layer_mixers
 from longjax.nn.position_bias import AbsolutePositions
 from longjax.nn.registry import build_mixer
 
 
 class Block(nn.Module):
-    """`x + mixer(norm(x))`, then `x + mlp(norm(x))`."""
+    """`x + mixer(norm(x))`, then `x + mlp(norm(x))` (no MLP when `model.mlp == "none"`);
+    with `model.post_norms` each branch's output is normalised too (`x + norm(mixer(norm(x)))`).
+    """
 
     model: ml_collections.FrozenConfigDict
     mixer_name: str
 
     @nn.compact
     def __call__(self, x, segment_ids, positions, cache):
-        dtype = jnp.dtype(self.model.dtype)
-        mixer = build_mixer(self.mixer_name, self.model, name="mixer")
-        h, cache = mixer(RMSNorm(self.model.norm_eps, dtype, name="mixer_norm")(x),
-                         segment_ids=segment_ids, positions=positions, cache=cache)
-        x = x + h
-        mlp_in = RMSNorm(self.model.norm_eps, dtype, name="mlp_norm")(x)
-        x = x + SwiGLU(self.model.mlp_dim, dtype, name="mlp")(mlp_in)
+        cfg = self.model
+        dtype = jnp.dtype(cfg.dtype)
+        post_norms = cfg.get("post_norms", False)
+
+        def norm(name):
+            return RMSNorm(cfg.norm_eps, dtype, name=name)
+
+        mixer = build_mixer(self.mixer_name, cfg, name="mixer")
+        h, cache = mixer(norm("mixer_norm")(x), segment_ids=segment_ids, positions=positions,
+                         cache=cache)
+        x = x + (norm("mixer_post_norm")(h) if post_norms else h)
+        mlp = cfg.get("mlp", "swiglu")
+        if mlp != "none":
+            h = GatedMLP(cfg.mlp_dim, dtype, mlp, name="mlp")(norm("mlp_norm")(x))
+            x = x + (norm("mlp_post_norm")(h) if post_norms else h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
 
@@ -35,8 +54,9 @@ class DecoderLM(nn.Module):
 
     `model` is `config.model` (frozen): vocab_size, d_model, num_layers, num_heads,
     num_kv_heads, head_dim, mlp_dim, mixer (a name or pattern), mixer_options, dtype,
-    norm_eps, tie_embeddings, remat, and position_embedding ("none", "sinusoidal",
-    "learned" with max_position rows) added to the token embeddings.
+    norm_eps, tie_embeddings, remat, position_embedding ("none", "sinusoidal", "learned"
+    with max_position rows) added to the token embeddings, and the options of the module
+    docstring (mlp, post_norms, scale_embeddings, scale_tied_logits, final_logit_softcap).
     """
 
     model: ml_collections.FrozenConfigDict
@@ -63,6 +83,8 @@ class DecoderLM(nn.Module):
             name="embed",
         )
         x = embed(tokens)
+        if cfg.get("scale_embeddings", False):
+            x = x * jnp.asarray(cfg.d_model**0.5, dtype)
         kind = cfg.get("position_embedding", "none")
         if kind != "none":
             if positions is None and cache is not None:
@@ -83,10 +105,15 @@ class DecoderLM(nn.Module):
             new_cache.append(layer_cache)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(dtype)
+            logits = embed.attend(x)
+            if cfg.get("scale_tied_logits", True):
+                logits = logits / jnp.sqrt(cfg.d_model).astype(dtype)
         else:
             logits = dense(cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, name="unembed")(x)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                            ("batch", "length", "vocab"))
+        logits = logits.astype(jnp.float32)
+        softcap = cfg.get("final_logit_softcap", None)
+        if softcap:
+            logits = softcap * jnp.tanh(logits / softcap)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, None if cache is None else tuple(new_cache)
 

@@ -18,8 +18,7 @@ from longjax.nn.layers import RMSNorm, dense
 from longjax.nn.linear import ShortConv, empty_conv_cache
 from longjax.nn.registry import register_mixer
 from longjax.ops import s4 as s4_lib
-from longjax.ops.selective_scan import selective_scan
-from longjax.ops.ssd import ssd
+from longjax.parallel import recurrent
 
 
 def _segments(segment_ids, x):
@@ -114,7 +113,7 @@ class MambaMixer(nn.Module):
             jnp.broadcast_to(jnp.arange(1, N + 1, dtype=d), s)), (E, N), ("mlp", "ssm_state"))
         D = _param(self, "D", nn.initializers.ones, (E,), ("mlp",))
         initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
-        y, state = selective_scan(
+        y, state = recurrent.selective_scan(
             u, dt, -jnp.exp(A_log), Bm, Cm, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
             initial_state=initial, return_final_state=True, segment_ids=segment_ids,
             impl=_step_impl(self.impl, cache, T), chunk_size=self.chunk_size)
@@ -127,7 +126,8 @@ class MambaMixer(nn.Module):
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block (Dao & Gu 2024, Section 7): one input projection to `z, x, B, C, dt`,
     causal conv on `x, B, C`, SSD with scalar-per-head decay, gated RMSNorm
-    `norm(y * silu(z))`, output projection.
+    `norm(y * silu(z))` (over all channels, or with `norm_per_group` over each of the
+    `n_groups` slices as in the released code and transformers), output projection.
 
     Cache: `{"ssm": [B, H, P, N] fp32, "conv": ShortConv cache, "segment": [B]}`.
     """
@@ -143,6 +143,7 @@ class Mamba2Mixer(nn.Module):
     dt_max: float = 1e-1
     A_init_max: float = 16.0
     impl: str = "auto"
+    norm_per_group: bool = False
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
 
@@ -184,12 +185,13 @@ class Mamba2Mixer(nn.Module):
         D = _param(self, "D", nn.initializers.ones, (H,), ("heads",))
         dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias)
         initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
-        y, state = ssd(u.reshape(B, T, H, P), dt, -jnp.exp(A_log), Bm.reshape(B, T, G, N),
-                       Cm.reshape(B, T, G, N), chunk_size=self.chunk_size, D=D,
-                       initial_state=initial, return_final_state=True,
-                       segment_ids=segment_ids, impl=_step_impl(self.impl, cache, T))
+        y, state = recurrent.ssd(
+            u.reshape(B, T, H, P), dt, -jnp.exp(A_log), Bm.reshape(B, T, G, N),
+            Cm.reshape(B, T, G, N), chunk_size=self.chunk_size, D=D, initial_state=initial,
+            return_final_state=True, segment_ids=segment_ids,
+            impl=_step_impl(self.impl, cache, T))
         y = y.reshape(B, T, E) * nn.silu(z)
-        y = RMSNorm(self.norm_eps, self.dtype, name="norm")(y)
+        y = RMSNorm(self.norm_eps, self.dtype, G if self.norm_per_group else 1, name="norm")(y)
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)
         if cache is not None:
             cache = {"ssm": state, "conv": conv_cache, "segment": seg[:, -1]}
@@ -276,13 +278,13 @@ class S4Mixer(nn.Module):
             initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
             if p is None:
                 Ab, Bb = s4_lib.discretize(Lambda, Bc, dt, self.discretization)
-                y, state = s4_lib.s4d_recurrence(x, Ab, Bb, C, initial_state=initial,
-                                                 segment_ids=segment_ids,
-                                                 impl=_step_impl("auto", cache, T))
+                y, state = recurrent.s4d_recurrence(x, Ab, Bb, C, initial_state=initial,
+                                                    segment_ids=segment_ids,
+                                                    impl=_step_impl("auto", cache, T))
             else:
                 Ab, Bb = s4_lib.s4_dense(Lambda, p, Bc, dt)
-                y, state = s4_lib.s4_recurrence(x, Ab, Bb, C, initial_state=initial,
-                                                segment_ids=segment_ids)
+                y, state = recurrent.s4_recurrence(x, Ab, Bb, C, initial_state=initial,
+                                                   segment_ids=segment_ids)
         y = nn.gelu(y + D * x.astype(jnp.float32)).astype(self.dtype)
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)
         if cache is not None:
@@ -293,7 +295,8 @@ class S4Mixer(nn.Module):
 _MAMBA = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": "auto", "dt_min": 1e-3,
           "dt_max": 1e-1, "impl": "auto", "chunk_size": None}
 _MAMBA2 = {"d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1,
-           "chunk_size": 64, "dt_min": 1e-3, "dt_max": 1e-1, "A_init_max": 16.0, "impl": "auto"}
+           "chunk_size": 64, "dt_min": 1e-3, "dt_max": 1e-1, "A_init_max": 16.0, "impl": "auto",
+           "norm_per_group": False}
 _S4 = {"d_state": 64, "dt_min": 1e-3, "dt_max": 1e-1}
 
 

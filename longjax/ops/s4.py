@@ -84,10 +84,20 @@ def s4d_kernel(Lambda, B, C, dt, L, method="zoh"):
 
 
 def s4_dense(Lambda, p, B, dt):
-    """Bilinear `Ab [H, N, N]`, `Bb [H, N]` of `A = diag(Lambda) - p p^*` (all `[H, N]`)."""
+    """Bilinear `Ab [H, N, N]`, `Bb [H, N]` of `A = diag(Lambda) - p p^*` (all `[H, N]`).
+
+    `(I - dt/2 A)^-1 = (D + dt/2 p p^*)^-1` with `D = diag(1 - dt/2 Lambda)` by the
+    Woodbury identity (Gu et al. 2022, S4, Appendix C.2): elementwise ops and one outer
+    product, no LAPACK call (which stalls XLA CPU's per-device threads in sharded runs).
+    """
     N = Lambda.shape[-1]
+    half = dt[:, None] / 2
     A = jnp.eye(N) * Lambda[:, None, :] - p[:, :, None] * p.conj()[:, None, :]
-    back = jnp.linalg.inv(jnp.eye(N) - dt[:, None, None] / 2 * A)
+    d_inv = 1 / (1 - half * Lambda)  # [H, N]
+    d_inv_p = d_inv * p
+    denom = 1 + half * jnp.sum(p.conj() * d_inv_p, -1, keepdims=True)  # [H, 1]
+    back = (jnp.eye(N) * d_inv[:, None, :]
+            - (half / denom)[..., None] * d_inv_p[:, :, None] * (p.conj() * d_inv)[:, None, :])
     Bb = dt[:, None] * jnp.einsum("hnm,hm->hn", back, B)
     return back @ (jnp.eye(N) + dt[:, None, None] / 2 * A), Bb
 
@@ -134,10 +144,19 @@ def s4d_recurrence(u, Ab, Bb, C, *, initial_state=None, segment_ids=None, impl="
     u `[B, T, H]`; Ab, Bb, C complex `[H, N/2]`; state complex64 `[B, H, N/2]`. Returns
     `(y [B, T, H] fp32, final state)`; the state resets at `segment_ids` borders.
     """
-    b = u.astype(jnp.float32)[..., None] * Bb
-    x, last = linear_scan(Ab[None, None], b, initial_state=initial_state, segment_ids=segment_ids,
-                          return_final_state=True, impl=impl)
-    return 2 * jnp.einsum("hn,bthn->bth", C, x).real, last
+    x, last = linear_scan(Ab[None, None], s4d_inputs(u, Bb), initial_state=initial_state,
+                          segment_ids=segment_ids, return_final_state=True, impl=impl)
+    return s4d_readout(C, x), last
+
+
+def s4d_inputs(u, Bb):
+    """`Bb u_t` `[B, T, H, N/2]` complex: the S4D recurrence's inputs."""
+    return u.astype(jnp.float32)[..., None] * Bb
+
+
+def s4d_readout(C, x):
+    """`y_t = 2 Re(C x_t)` `[B, T, H]` from the states `x` `[B, T, H, N/2]`."""
+    return 2 * jnp.einsum("hn,bthn->bth", C, x).real
 
 
 def s4_recurrence(u, Ab, Bb, C, *, initial_state=None, segment_ids=None):

@@ -10,8 +10,10 @@ A layout says which global tokens each of the `P` shards of the sequence axis ho
 
 `to_layout` reorders a global array so that splitting it into `P` equal contiguous pieces
 gives each shard its tokens (`layout_order` spells the permutation out); `from_layout`
-undoes it. Inside `jax.shard_map`,
-`shard_positions` gives the global positions of the local tokens.
+undoes it. Inside `jax.shard_map`, `shard_to_layout` / `shard_from_layout` do the same
+with explicit collectives on shards that hold contiguous pieces of the natural order (how
+`jax.make_mesh`'s explicit-axes arrays arrive), and `shard_positions` gives the global
+positions of the local tokens.
 """
 
 from __future__ import annotations
@@ -122,3 +124,70 @@ def shard_positions(local_len: int, layout: str, num_shards: int, shard_index):
     half = local_len // 2
     chunk = jnp.where(i < half, r, 2 * num_shards - 1 - r)
     return chunk * half + i % half
+
+
+def shard_to_layout(x, layout: str, axis_name, *, ring_size: int | None = None, axis: int = 1,
+                    inverse: bool = False):
+    """Inside `shard_map`: from contiguous shards of the natural order to `layout`'s order.
+
+    `x` holds this device's `L` tokens along `axis`, device p of the `P` devices of
+    `axis_name` (a name or a tuple of names, linearised major to minor) holding the
+    natural tokens `[p L, (p + 1) L)`. The layout is over `ring_size` shards (default P);
+    with `ring_size = R < P` each of the R layout shards is split contiguously over
+    `P / R` consecutive devices (Ulysses groups inside a ring, `usp_attention`).
+    "zigzag" moves halves of shards with `ppermute`, "striped" is one `all_to_all`
+    when `L % P == 0` (else an all-gather, O(T) per device); O(L) sent per device. `inverse=True` is
+    `shard_from_layout`.
+    """
+    num_devices = bound_axis_size(axis_name)
+    ring_size = num_devices if ring_size is None else ring_size
+    if ring_size < 1 or num_devices % ring_size:
+        raise ValueError(f"ring_size must divide the {num_devices} devices of {axis_name!r}; "
+                         f"got {ring_size}")
+    length = x.shape[axis]
+    check_layout(layout, length * num_devices, ring_size)
+    if layout == "contiguous":
+        return x
+    if layout == "striped":
+        if ring_size != num_devices:
+            raise ValueError("layout='striped' cannot be split into groups inside a ring; "
+                             "use 'zigzag' or 'contiguous'")
+        if length % num_devices:  # uneven exchange: gather all, keep mine (O(T) per device)
+            order = layout_order(length * num_devices, layout, num_devices)
+            order = np.argsort(order) if inverse else order
+            mine = jnp.asarray(order.reshape(num_devices, length))[
+                jax.lax.axis_index(axis_name)]
+            gathered = jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
+            return jnp.take(gathered, mine, axis=axis)
+        pre, post = x.shape[:axis], x.shape[axis + 1:]
+        if inverse:  # laid-out i = (p L/P + a) P + r lives on shard p at a P + r
+            y = jax.lax.all_to_all(x.reshape(*pre, num_devices, -1, *post), axis_name, axis,
+                                   axis, tiled=True)
+            return jnp.moveaxis(y, axis, axis + 1).reshape(x.shape)
+        y = jnp.moveaxis(x.reshape(*pre, -1, num_devices, *post), axis + 1, axis)
+        return jax.lax.all_to_all(y, axis_name, axis, axis, tiled=True).reshape(x.shape)
+    if length % 2:
+        raise ValueError(f"layout='zigzag' inside shard_map needs an even local length; got "
+                         f"{length}")
+    # Halves of shards are the unit: laid-out half q holds natural half order[q].
+    order = layout_order(2 * num_devices, "zigzag", ring_size)
+    source = np.argsort(order) if inverse else order
+    halves = jnp.split(x, 2, axis)
+    me = jax.lax.axis_index(axis_name)
+    out = []
+    for dst_slot in range(2):
+        received = []
+        for src_slot in range(2):
+            perm = [(int(source[q]) // 2, q // 2) for q in range(dst_slot, 2 * num_devices, 2)
+                    if source[q] % 2 == src_slot]
+            received.append(jax.lax.ppermute(halves[src_slot], axis_name, perm) if perm
+                            else jnp.zeros_like(halves[src_slot]))
+        src_slot_of = jnp.asarray(source[dst_slot::2] % 2, jnp.int32)[me]
+        out.append(jnp.where(src_slot_of == 0, received[0], received[1]))
+    return jnp.concatenate(out, axis)
+
+
+def shard_from_layout(x, layout: str, axis_name, *, ring_size: int | None = None,
+                      axis: int = 1):
+    """Inverse of `shard_to_layout`: back to contiguous shards of the natural order."""
+    return shard_to_layout(x, layout, axis_name, ring_size=ring_size, axis=axis, inverse=True)

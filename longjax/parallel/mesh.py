@@ -3,8 +3,8 @@
 Modules annotate parameters and activations with logical names (`batch`, `length`,
 `embed`, `heads`, ...); `LOGICAL_RULES` maps them onto mesh axes, so one model runs on
 1 CPU, 8 simulated devices, a GPU or a TPU slice by changing only the mesh sizes.
-Multi-host: every process calls `initialize_distributed` first, then builds the same
-mesh over all processes' devices (`jax.devices()` is global after initialisation).
+Multi-host: every process joins the run first (`longjax.distributed.join`), then builds
+the same mesh over all processes' devices (`jax.devices()` is global after joining).
 """
 
 from __future__ import annotations
@@ -55,19 +55,6 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     return shape
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
-                           cpu_devices: int | None = None) -> None:
-    """Joins a multi-process run (`jax.distributed`); call before any other JAX work.
-
-    On CPU, `cpu_devices` simulates that many devices in this process and cross-process
-    collectives use gloo.
-    """
-    if cpu_devices is not None:
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-
-
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over `devices` (default: all) with the axes `MESH_AXES` in that order."""
     devices = list(jax.devices() if devices is None else devices)
@@ -78,15 +65,46 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     )
 
 
+BATCH_AXES = ("data", "fsdp")
+
+
+def sequence_mesh(axis_name: str = "sequence"):
+    """The current mesh (`jax.set_mesh`) when its `axis_name` axis splits the sequence
+    (size > 1), else None: where the mixers switch to their sequence-parallel forms."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh if mesh.shape.get(axis_name, 1) > 1 else None
+
+
+def batch_axes(mesh, batch_size: int, *, axes=BATCH_AXES, exclude=()) -> tuple[str, ...]:
+    """The axes of `axes` in `mesh` (minus `exclude`) that split a batch of `batch_size`
+    rows inside a `shard_map`; `ValueError` when their product does not divide it."""
+    found = tuple(a for a in axes if a in mesh.axis_names and a not in exclude)
+    if batch_size % int(np.prod([mesh.shape[a] for a in found])):
+        raise ValueError(f"batch size {batch_size} must be divisible by the mesh axes "
+                         f"{found} (sizes {[mesh.shape[a] for a in found]})")
+    return found
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with every axis of type Auto: same devices in the same order.
+
+    The model's flax.linen logical-axis constraints are sharding hints for auto axes, so
+    the train state, batches and steps live on this twin of a `jax.make_mesh` mesh (whose
+    axes are explicit by default). `jax.device_put` re-types arrays already sharded over
+    the explicit mesh onto it without moving data.
+    """
+    return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
-    """Maps a pytree of logical `PartitionSpec`s onto `NamedSharding`s of `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+    """Maps a pytree of logical `PartitionSpec`s onto `NamedSharding`s of `mesh` (auto axes)."""
+    return nn.logical_to_mesh_sharding(logical_specs, auto_axes(mesh), list(rules))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of `[batch, seq, ...]` inputs: batch over data x fsdp, seq over sequence."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
+    return NamedSharding(auto_axes(mesh), PartitionSpec(("data", "fsdp"), "sequence"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(auto_axes(mesh), PartitionSpec())

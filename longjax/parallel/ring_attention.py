@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from longjax.ops import impl as impl_lib
 from longjax.ops.attention import (
     _check_args,
     attention_backward,
@@ -42,11 +43,12 @@ class _Config(NamedTuple):
     scale: float | None
     block_size: int
     impl: str
+    group_size: int
 
 
 def ring_attention(
     q, k, v, *, axis_name, causal=False, segment_ids=None, layout="zigzag", window=None,
-    num_sinks=0, softcap=None, scale=None, block_size=None, impl="auto",
+    num_sinks=0, softcap=None, scale=None, block_size=None, impl="auto", group_size=1,
     return_tile_count=False,
 ):
     """Attention of the local query shard to the whole sharded sequence; call in
@@ -58,15 +60,22 @@ def ring_attention(
     (0 = padding). Masks (causal, window, sinks) use the tokens' global positions.
     `block_size` (the tile) must divide the layout chunk; by default it is the chunk (a
     quarter of it for "striped", whose steps are triangular), halved while above 512.
-    `impl` is the blockwise attention run per tile (`TILE_IMPLS`; "auto": Pallas on
-    GPU/TPU, else "xla"). Returns `[B, T, H, D]` in q's dtype, and with
+    `impl` is the blockwise attention run per tile (`TILE_IMPLS`; "auto" is resolved
+    by `longjax.ops.impl`). With `group_size=U` the ring runs across the `P / U` groups of
+    `U` consecutive devices of `axis_name` (the device at offset u of a group talks to
+    offset u of the next), each group being one ring shard (USP, `usp_attention`).
+    Returns `[B, T, H, D]` in q's dtype, and with
     `return_tile_count` also the number of tiles this device computed (forward only).
     """
     _check_args(q, k, v, window, num_sinks, segment_ids)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must hold the same local tokens; got lengths {q.shape[1]} "
                          f"and {k.shape[1]}")
-    num_shards = bound_axis_size(axis_name)
+    num_devices = bound_axis_size(axis_name)
+    if not (isinstance(group_size, int) and group_size >= 1 and num_devices % group_size == 0):
+        raise ValueError(f"group_size must be a positive int dividing the {num_devices} devices "
+                         f"of axis {axis_name!r}; got {group_size!r}")
+    num_shards = num_devices // group_size
     local_len = q.shape[1]
     check_layout(layout, local_len * num_shards, num_shards)
     chunk = local_len // 2 if layout == "zigzag" else local_len
@@ -77,7 +86,7 @@ def ring_attention(
     if impl not in TILE_IMPLS:
         raise ValueError(f"impl must be one of {TILE_IMPLS}; got {impl!r}")
     cfg = _Config(axis_name, layout, causal, window, num_sinks, softcap, scale, block_size,
-                  impl)
+                  impl, group_size)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     segment_ids = segment_ids.astype(jnp.int32)
@@ -146,23 +155,21 @@ def _mask_kwargs(cfg, q_seg, kv_seg, q_pos, kv_pos):
     )
 
 
-def _tile_impl(impl):
-    """The blockwise implementation for tiles: `"auto"` is Pallas on GPU/TPU, else "xla"."""
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-    return impl
+def _on_tiles(cfg, run):
+    """`run(impl)` with the tiles' blockwise implementation (`"auto"`: `longjax.ops.impl`)."""
+    return impl_lib.run("ring_attention_tile", cfg.impl, run)
 
 
 def _tile_forward(cfg, q, k, v, mask_kw):
     """(out `[B, t, H, D]`, lse `[B, H, t]` fp32) of one tile; rows with no key: lse=-inf."""
-    return attention_forward(q, k, v, softcap=cfg.softcap, scale=cfg.scale,
-                             impl=_tile_impl(cfg.impl), **mask_kw)
+    return _on_tiles(cfg, lambda impl: attention_forward(
+        q, k, v, softcap=cfg.softcap, scale=cfg.scale, impl=impl, **mask_kw))
 
 
 def _tile_backward(cfg, q, k, v, out, lse, dout, mask_kw):
     """(dq, dk, dv) of one tile given the final `out` and `lse` of its query rows."""
-    grads = attention_backward(q, k, v, out, lse, dout, softcap=cfg.softcap, scale=cfg.scale,
-                               impl=_tile_impl(cfg.impl), **mask_kw)
+    grads = _on_tiles(cfg, lambda impl: attention_backward(
+        q, k, v, out, lse, dout, softcap=cfg.softcap, scale=cfg.scale, impl=impl, **mask_kw))
     return tuple(g.astype(jnp.float32) for g in grads)
 
 
@@ -172,16 +179,23 @@ def _varying_like(x, like):
     return jax.lax.pcast(x, vma, to="varying") if vma else x
 
 
-def _rotate(axis_name, num_shards, tree):
-    """Sends every leaf one hop along the ring: shard r -> shard r + 1."""
-    perm = [(i, (i + 1) % num_shards) for i in range(num_shards)]
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
+def _ring_index(cfg):
+    """(number of ring shards, this device's ring shard): devices `[r U, (r + 1) U)` of the
+    axis form ring shard r, U = `cfg.group_size`."""
+    num_devices = jax.lax.axis_size(cfg.axis_name)
+    return num_devices // cfg.group_size, jax.lax.axis_index(cfg.axis_name) // cfg.group_size
+
+
+def _rotate(cfg, tree):
+    """Sends every leaf one hop along the ring: device r U + u -> (r + 1) U + u."""
+    num_devices, U = jax.lax.axis_size(cfg.axis_name), cfg.group_size
+    perm = [(i, (i + U) % num_devices) for i in range(num_devices)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, cfg.axis_name, perm), tree)
 
 
 def _forward(cfg, q, k, v, q_seg):
     """Returns (out in q.dtype, lse `[B, H, T]` fp32, number of tiles computed)."""
-    num_shards = jax.lax.axis_size(cfg.axis_name)
-    me = jax.lax.axis_index(cfg.axis_name)
+    num_shards, me = _ring_index(cfg)
     B, T, H, D = q.shape
     c = cfg.block_size
     q_pos = shard_positions(T, cfg.layout, num_shards, me)
@@ -210,7 +224,7 @@ def _forward(cfg, q, k, v, q_seg):
 
     def body(carry, step):
         acc, kv = carry
-        next_kv = _rotate(cfg.axis_name, num_shards, kv)  # issued before this step's compute
+        next_kv = _rotate(cfg, kv)  # issued before this step's compute
         return (attend(step, acc, kv), next_kv), None
 
     acc = jax.tree.map(lambda x: _varying_like(x, q), (
@@ -233,8 +247,7 @@ def _ring_fwd(cfg, q, k, v, q_seg):
 
 def _ring_bwd(cfg, res, dout):
     q, k, v, q_seg, out, lse = res
-    num_shards = jax.lax.axis_size(cfg.axis_name)
-    me = jax.lax.axis_index(cfg.axis_name)
+    num_shards, me = _ring_index(cfg)
     T, c = q.shape[1], cfg.block_size
     q_pos = shard_positions(T, cfg.layout, num_shards, me)
 
@@ -262,11 +275,11 @@ def _ring_bwd(cfg, res, dout):
         visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
         (dq, *dkv), _ = _over_tiles(cfg, T, visible, tile, (dq, *dkv))
         # dK/dV travel with their K/V; after P hops they are back at the owner.
-        return dq, _rotate(cfg.axis_name, num_shards, tuple(dkv))
+        return dq, _rotate(cfg, tuple(dkv))
 
     def body(carry, step):
         dq, kv, dkv = carry
-        next_kv = _rotate(cfg.axis_name, num_shards, kv)  # issued before this step's compute
+        next_kv = _rotate(cfg, kv)  # issued before this step's compute
         dq, dkv = grads(step, dq, kv, dkv)
         return (dq, next_kv, dkv), None
 

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from longjax.ops import s4 as s4_lib
 from longjax.ops import selective_scan as selective_scan_lib
 from longjax.ops.scan import linear_scan, segment_keep
 from longjax.ops.ssd import initial_state_output, ssd
+from longjax.parallel.mesh import batch_axes
 from longjax.parallel.state_passing import incoming_states
 
 
@@ -41,10 +43,11 @@ def _leading(x, ndim):
 def sharded_linear_scan(a, b, *, axis_name, initial_state=None, segment_ids=None,
                         return_final_state=False, impl="auto"):
     """`longjax.ops.scan.linear_scan` (forward) on this shard's part of the time axis."""
-    h_local = linear_scan(a, b, segment_ids=segment_ids, impl=impl).astype(jnp.float32)
+    state_dtype = jnp.promote_types(b.dtype, jnp.float32)  # fp32, or complex64 (S4D)
+    h_local = linear_scan(a, b, segment_ids=segment_ids, impl=impl).astype(state_dtype)
     # decay from the shard's start to each token: the same recurrence on b = 0, h_0 = 1
-    decay = linear_scan(a, jnp.zeros(a.shape, jnp.float32), segment_ids=segment_ids,
-                        initial_state=jnp.ones((a.shape[0],) + a.shape[2:], jnp.float32),
+    decay = linear_scan(a, jnp.zeros(a.shape, a.dtype), segment_ids=segment_ids,
+                        initial_state=jnp.ones((a.shape[0],) + a.shape[2:], a.dtype),
                         impl=impl)
     keep0 = _continues_from_previous_shard(segment_ids, axis_name)
     if keep0 is not None:
@@ -55,18 +58,25 @@ def sharded_linear_scan(a, b, *, axis_name, initial_state=None, segment_ids=None
     return (h, h_final) if return_final_state else h
 
 
-def _run_sharded(fn, mesh, axis_name, seq_args, replicated_args, return_final_state):
-    """shard_map of `fn(*seq_args, *replicated_args)` with time (axis 1) split over the axis."""
-    seq_spec = P(None, axis_name)
+def _run_sharded(fn, mesh, axis_name, seq_args, replicated_args, return_final_state,
+                 batch_args=()):
+    """shard_map of `fn(**seq_args, **replicated_args)`: `seq_args` `[B, T, ...]` with the
+    batch over the mesh's batch axes and time over `axis_name`; `replicated_args` whole,
+    except `batch_args` among them (`[B, ...]`, e.g. initial states), split over the batch.
+    The final state (`[B, ...]`) comes back split over the batch."""
     n = mesh.shape[axis_name]
+    batch_size = next(x for x in seq_args.values() if x is not None).shape[0]
+    batch = batch_axes(mesh, batch_size, exclude=(axis_name,))
     for name, x in seq_args.items():
         if x is not None and x.shape[1] % n:
             raise ValueError(f"{name}: sequence length {x.shape[1]} must be divisible by the "
                              f"'{axis_name}' mesh axis size {n}")
     given = {k: v for k, v in {**seq_args, **replicated_args}.items() if v is not None}
     names, values = list(given), list(given.values())
-    in_specs = tuple(seq_spec if k in seq_args else P() for k in names)
-    out_specs = (seq_spec, P()) if return_final_state else seq_spec
+    seq_spec = P(batch, axis_name)
+    spec = {**{k: seq_spec for k in seq_args}, **{k: P(batch) for k in batch_args}}
+    in_specs = tuple(spec.get(k, P()) for k in names)
+    out_specs = (seq_spec, P(batch)) if return_final_state else seq_spec
 
     @jax.jit
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
@@ -88,7 +98,51 @@ def sequence_parallel_linear_scan(a, b, *, mesh, axis_name="sequence", initial_s
     fn = functools.partial(sharded_linear_scan, axis_name=axis_name,
                            return_final_state=return_final_state, impl=impl)
     return _run_sharded(fn, mesh, axis_name, {"a": a, "b": b, "segment_ids": segment_ids},
-                        {"initial_state": initial_state}, return_final_state)
+                        {"initial_state": initial_state}, return_final_state,
+                        batch_args=("initial_state",))
+
+
+def sequence_parallel_s4d_recurrence(u, Ab, Bb, C, *, mesh, axis_name="sequence",
+                                     initial_state=None, segment_ids=None, impl="auto"):
+    """`longjax.ops.s4.s4d_recurrence` on global arrays with T split over `axis_name`:
+    `(y [B, T, H] fp32, final state [B, H, N/2] complex64)`."""
+
+    def fn(u, Ab, Bb, C, initial_state=None, segment_ids=None):
+        b = s4_lib.s4d_inputs(u, Bb)
+        x, last = sharded_linear_scan(jnp.broadcast_to(Ab, b.shape), b, axis_name=axis_name,
+                                      initial_state=initial_state, segment_ids=segment_ids,
+                                      return_final_state=True, impl=impl)
+        return s4_lib.s4d_readout(C, x), last
+
+    return _run_sharded(fn, mesh, axis_name, {"u": u, "segment_ids": segment_ids},
+                        {"Ab": Ab, "Bb": Bb, "C": C, "initial_state": initial_state}, True,
+                        batch_args=("initial_state",))
+
+
+def sequence_parallel_s4_recurrence(u, Ab, Bb, C, *, mesh, axis_name="sequence",
+                                    initial_state=None, segment_ids=None):
+    """`longjax.ops.s4.s4_recurrence` (dense `Ab [H, N, N]`) on global arrays with T split
+    over `axis_name`: each shard's transition is `Ab^T` (zero past a document border), the
+    states are passed as matrices, and the incoming state's outputs come from a second
+    pass from it. `(y [B, T, H] fp32, final state [B, H, N] complex64)`."""
+
+    def fn(u, Ab, Bb, C, initial_state=None, segment_ids=None):
+        Bsz, T, _ = u.shape
+        y, x_local = s4_lib.s4_recurrence(u, Ab, Bb, C, segment_ids=segment_ids)
+        keep0 = _continues_from_previous_shard(segment_ids, axis_name)
+        through = _through(_keep(segment_ids, (Bsz, T)), keep0)
+        transition = jnp.linalg.matrix_power(Ab, T)[None] * through[:, None, None, None]
+        h_in, h_final = incoming_states(transition, x_local, axis_name=axis_name,
+                                        initial_state=initial_state, diagonal=False)
+        if keep0 is not None:
+            h_in = h_in * keep0[:, None, None]
+        y_in, _ = s4_lib.s4_recurrence(jnp.zeros_like(u), Ab, Bb, C, initial_state=h_in,
+                                       segment_ids=segment_ids)
+        return y + y_in, h_final
+
+    return _run_sharded(fn, mesh, axis_name, {"u": u, "segment_ids": segment_ids},
+                        {"Ab": Ab, "Bb": Bb, "C": C, "initial_state": initial_state}, True,
+                        batch_args=("initial_state",))
 
 
 def _keep(segment_ids, shape):
@@ -139,7 +193,8 @@ def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bi
                            impl=impl, chunk_size=chunk_size)
     seq = {"u": u, "delta": delta, "B": B, "C": C, "z": z, "segment_ids": segment_ids}
     rep = {"A": A, "D": D, "delta_bias": delta_bias, "initial_state": initial_state}
-    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state)
+    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state,
+                        batch_args=("initial_state",))
 
 
 def sharded_ssd(x, dt, A, B, C, *, axis_name, chunk_size=64, D=None, initial_state=None,
@@ -172,4 +227,5 @@ def sequence_parallel_ssd(x, dt, A, B, C, *, mesh, axis_name="sequence", chunk_s
                            return_final_state=return_final_state, impl=impl)
     seq = {"x": x, "dt": dt, "B": B, "C": C, "segment_ids": segment_ids}
     rep = {"A": A, "D": D, "initial_state": initial_state}
-    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state)
+    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state,
+                        batch_args=("initial_state",))

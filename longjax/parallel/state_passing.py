@@ -62,13 +62,14 @@ def incoming_states(A, b, *, axis_name, initial_state=None, diagonal=True):
       diagonal: whether `A` is elementwise or a matrix.
 
     Returns:
-      `(h_in, h_final)`, both fp32 shaped like `b`: the state entering this shard, and the
-      state after the last shard (the same on every shard).
+      `(h_in, h_final)`, both fp32 (complex64 for complex states, as S4D's) shaped like
+      `b`: the state entering this shard, and the state after the last shard (the same on
+      every shard).
     """
     _check(A, b, diagonal, initial_state)
-    A = A.astype(jnp.float32)
-    b = b.astype(jnp.float32)
-    h0 = jnp.zeros_like(b) if initial_state is None else initial_state.astype(jnp.float32)
+    dtype = jnp.promote_types(jnp.result_type(A, b), jnp.float32)
+    A, b = A.astype(dtype), b.astype(dtype)
+    h0 = jnp.zeros_like(b) if initial_state is None else initial_state.astype(dtype)
     all_A = jax.lax.all_gather(A, axis_name)
     all_b = jax.lax.all_gather(b, axis_name)
 

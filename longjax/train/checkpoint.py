@@ -56,8 +56,9 @@ class Checkpointer:
         return restored["state"], restored["data"]
 
     def write_config(self) -> None:
+        """`config.json` in the workdir (by process 0), unless it is there."""
         path = self.workdir / "config.json"
-        if not path.exists():
+        if jax.process_index() == 0 and not path.exists():
             path.write_text(self.config.to_json(indent=2))
 
     def _check_config(self) -> None:
@@ -90,9 +91,8 @@ def _with_new_defaults(model: dict) -> dict:
     their defaults, so a workdir from an older longjax still resumes."""
     model = {**base_config().model.to_dict(), **model}
     options = model.get("mixer_options") or {}
-    for name in registry.mixer_names():
-        if name in options:
-            options[name] = {**registry.mixer_defaults(name), **options[name]}
+    for name in registry.mixer_names():  # mixers registered since, too
+        options[name] = {**registry.mixer_defaults(name), **options.get(name, {})}
     return model
 
 

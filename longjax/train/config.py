@@ -15,6 +15,7 @@ from ml_collections import config_dict
 from longjax.data import decomposition, packing, tokenizer
 from longjax.data.sources import SOURCES
 from longjax.nn import registry
+from longjax.nn.layers import MLPS
 from longjax.nn.pattern import layer_mixers
 from longjax.nn.position_bias import ABSOLUTE_EMBEDDINGS
 from longjax.train import stages as stages_lib
@@ -39,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
         # Absolute positions added to the embeddings: "none" | "sinusoidal" | "learned"
         # (a table of max_position rows); relative schemes are attention options.
         position_embedding="none", max_position=0,
+        # Block and head variants (longjax.nn.lm; the Hugging Face families need them):
+        # mlp "swiglu" | "geglu" | "none", post-norms, embeddings times sqrt(d_model),
+        # tied logits divided by sqrt(d_model), final logit soft-cap.
+        mlp="swiglu", post_norms=False, scale_embeddings=False, scale_tied_logits=True,
+        final_logit_softcap=config_dict.placeholder(float),
     ))
     c.model.mixer_options = ml_collections.ConfigDict({
         name: {k: _option_value(v) for k, v in registry.mixer_defaults(name).items()}
@@ -62,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
         # PoSE (Zhu et al. 2023): > 0 spreads each training row's positions over this
         # length with random skips (config.data.positions must be "row"); 0 = off.
         pose_length=0,
+        # A folder with a tokenizer.json (a checkpoint's); "" = bytes (longjax.data.tokenizer).
+        tokenizer="",
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
@@ -70,10 +78,32 @@ def base_config() -> ml_collections.ConfigDict:
         # ...) run in order, steps summing to `steps`; () trains at data.seq_len throughout.
         stages=(),
     ))
+    # Start from a Hugging Face checkpoint directory (longjax.hf): its config.json replaces
+    # config.model (then `model_overrides`, "key=value,..." under config.model, e.g.
+    # "mixer_options.attention.rope_scaling=yarn"), its weights the initial parameters and
+    # its tokenizer.json the bytes ("" = random initialisation, byte tokens).
+    c.init = ml_collections.ConfigDict(dict(hf="", model_overrides=""))
     c.eval = ml_collections.ConfigDict(dict(every_steps=250, num_batches=-1, batch_size=32))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, keep=2))
     c.parallel = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
     return c
+
+
+def with_hf_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with `config.model` from the checkpoint `config.init.hf` (compute dtype and
+    remat kept; `config.init.model_overrides` applied after) and its tokenizer as
+    `config.data.tokenizer` unless one is set; unchanged when `config.init.hf` is ""."""
+    if not config.init.hf:
+        return config
+    from longjax import hf  # longjax.hf builds on this module's base_config
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    model = hf.model_config(hf.read_config(config.init.hf), dtype=config.model.dtype)
+    model.remat = config.model.remat
+    config.model = model
+    config.data.tokenizer = config.data.tokenizer or config.init.hf
+    overrides = parse_arg(config.init.model_overrides)
+    return apply_overrides(config, {f"model.{k}": v for k, v in overrides.items()})
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -173,13 +203,17 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
              num_sequence_shards: int = 1) -> None:
     """Raises ValueError naming the first bad field and what is allowed."""
     m, d, t = config.model, config.data, config.train
+    if m.mlp not in MLPS:
+        raise ValueError(f"config.model.mlp={m.mlp!r}; allowed: {list(MLPS)}")
+    _positive(config, *(["model.mlp_dim"] if m.mlp != "none" else []))
     _positive(config, "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
-              "model.num_kv_heads", "model.mlp_dim", "data.seq_len", "data.batch_size",
+              "model.num_kv_heads", "data.seq_len", "data.batch_size",
               "train.steps", "train.learning_rate", "train.log_every", "eval.every_steps",
               "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep")
-    if m.vocab_size < tokenizer.VOCAB_SIZE:
+    vocab = tokenizer.load(d.get("tokenizer") or None).vocab_size
+    if m.vocab_size < vocab:
         raise ValueError(f"config.model.vocab_size={m.vocab_size} is below the tokenizer's "
-                         f"{tokenizer.VOCAB_SIZE} ids")
+                         f"{vocab} ids")
     if m.num_heads % m.num_kv_heads:
         raise ValueError(f"config.model.num_heads={m.num_heads} must be a multiple of "
                          f"config.model.num_kv_heads={m.num_kv_heads}")

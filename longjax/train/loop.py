@@ -1,7 +1,13 @@
-"""`train_and_evaluate(config, workdir)`: the training loop behind scripts/train.py."""
+"""`train_and_evaluate(config, workdir)`: the training loop behind scripts/train.py.
+
+Multi-host (after `longjax.distributed.join`): every process runs this loop on the global
+mesh and reads only its rows of each batch; process 0 alone writes metrics, TensorBoard,
+plots, the config and the progress bar; Orbax checkpoints are written by all together.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -18,7 +24,13 @@ from longjax.train import stages as stages_lib
 from longjax.train.checkpoint import Checkpointer
 from longjax.train.metrics import MetricsWriter, plot_loss_curve
 from longjax.train.state import build_model, create_train_state
-from longjax.train.step import make_eval_step, make_train_step, put_batch, summarize
+from longjax.train.step import (
+    make_eval_step,
+    make_train_step,
+    process_rows,
+    put_batch,
+    summarize,
+)
 
 # Evaluation batches of a synthetic task when config.eval.num_batches is -1.
 TASK_EVAL_BATCHES = 8
@@ -31,8 +43,10 @@ def evaluate(eval_step, params, dataset, mesh, *, batch_size, num_batches) -> di
         num_batches = (dataset.num_batches(batch_size) if hasattr(dataset, "num_batches")
                        else TASK_EVAL_BATCHES)
     totals = None
+    rows = process_rows(mesh, batch_size)
     for i in range(num_batches):
-        sums = eval_step(params, put_batch(dataset.batch(i, batch_size), mesh))
+        sums = eval_step(params, put_batch(dataset.batch(i, batch_size, rows), mesh,
+                                           batch_size=batch_size))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     return summarize(totals)
 
@@ -63,6 +77,7 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    config = config_lib.with_hf_init(config)
     mesh = make_mesh(config.parallel.to_dict())
     config_lib.validate(config, num_data_shards=mesh.shape["data"] * mesh.shape["fsdp"],
                         num_sequence_shards=mesh.shape["sequence"])
@@ -73,6 +88,12 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
     checkpointer = Checkpointer(workdir, config)
     state = create_train_state(config, build_model(config), mesh, jax.random.key(config.seed))
     state, data_state = checkpointer.restore(state)
+    if data_state is None and config.init.hf:  # a new run starts from the checkpoint
+        from longjax import hf  # longjax.hf builds on longjax.train.config
+
+        state = state.replace(params=hf.load_params(config.init.hf, build_model(config),
+                                                    mesh=mesh))
+        logging.info("Initialised from the Hugging Face checkpoint %s", config.init.hf)
     data_state = data_state or {}
     start = int(data_state.get("batches_consumed", 0))
     train_seconds = float(data_state.get("train_seconds", 0.0))
@@ -81,7 +102,8 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
     checkpointer.write_config()
     writer = MetricsWriter(workdir, resume_step=start)
 
-    progress = tqdm(total=t.steps, initial=start, disable=not t.progress_bar,
+    primary = jax.process_index() == 0
+    progress = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and primary),
                     unit="step", dynamic_ncols=True)
     results = {}
     for number in range(stages_lib.stage_at(stages, start), len(stages)):
@@ -91,10 +113,11 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
         train_step = make_train_step(stage_cfg, model, mesh)
         eval_step = make_eval_step(stage_cfg, model, mesh)
         first = max(start, stage.start)
-        stream = make_train_stream(stage_cfg, index=first - stage.start)
+        stream = make_train_stream(stage_cfg, index=first - stage.start,
+                                   rows=functools.partial(process_rows, mesh))
         if first > stage.start and "stream" in data_state:
             stream.restore(data_state["stream"])
-        if first == stage.start:
+        if first == stage.start and primary:
             _write_json(workdir / f"train_data_stage{number}.json", stream.stats)
         if len(stages) > 1:
             logging.info("Stage %d: steps %d-%d at seq_len %d, RoPE base %g, scaling %s x%g, "
@@ -104,8 +127,9 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
         tick, tokens_since, logged_seconds = time.perf_counter(), 0, 0.0
         for step in range(first, stage.stop):
             batch = stream.next()
-            state, metrics = train_step(state, put_batch(batch, mesh))
-            tokens_since += batch["tokens"].size
+            state, metrics = train_step(state, put_batch(batch, mesh,
+                                                         batch_size=stream.batch_size))
+            tokens_since += stream.batch_size * batch["tokens"].shape[1]
             done = step + 1
             log = done % t.log_every == 0 or done == stage.stop
             evaluate_now = done % config.eval.every_steps == 0 or done == t.steps
@@ -145,10 +169,11 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
                             train_seconds)
     checkpointer.wait()
     writer.close()
-    plot = plot_loss_curve(workdir, "bits_per_byte" if config.data.source != "task"
-                           else "accuracy")
-    logging.info("Checkpoints: %s; metrics: %s; plot: %s", workdir / "checkpoints",
-                 workdir / "metrics.jsonl", plot)
+    if primary:
+        plot = plot_loss_curve(workdir, "bits_per_byte" if config.data.source != "task"
+                               else "accuracy")
+        logging.info("Checkpoints: %s; metrics: %s; plot: %s", workdir / "checkpoints",
+                     workdir / "metrics.jsonl", plot)
     return results
 
 

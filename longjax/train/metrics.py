@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
@@ -18,10 +19,14 @@ class MetricsWriter:
     """Appends `{"step", "split", ...}` records; on resume drops records after `resume_step`.
 
     So a run killed after its last checkpoint and resumed writes the same metrics as an
-    unbroken run (TensorBoard purges the same steps through `purge_step`).
+    unbroken run (TensorBoard purges the same steps through `purge_step`). In a
+    multi-process run only process 0 writes; the others' writer does nothing.
     """
 
     def __init__(self, workdir, *, resume_step: int = 0):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
         self.path = pathlib.Path(workdir) / METRICS_FILE
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -31,6 +36,8 @@ class MetricsWriter:
                                          purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
         record = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -38,7 +45,8 @@ class MetricsWriter:
             self.tensorboard.add_scalar(f"{split}/{key}", value, step)
 
     def close(self) -> None:
-        self.tensorboard.close()
+        if self.active:
+            self.tensorboard.close()
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -45,8 +45,8 @@ def state_shardings(config, model, mesh) -> TrainState:
     return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
 
 
-def create_train_state(config, model, mesh, rng) -> TrainState:
-    """Initialises parameters and optimizer state directly in their shardings."""
+def _state_init(config, model):
+    """`init(rng) -> TrainState`: fresh parameters and optimizer state."""
     optimizer = make_optimizer(config.train)
 
     def init(rng):
@@ -54,5 +54,20 @@ def create_train_state(config, model, mesh, rng) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params))
 
+    return init
+
+
+def create_train_state(config, model, mesh, rng) -> TrainState:
+    """Initialises parameters and optimizer state directly in their shardings."""
     # No mesh context here: parameters get their shardings from `out_shardings`.
-    return jax.jit(init, out_shardings=state_shardings(config, model, mesh))(rng)
+    return jax.jit(_state_init(config, model),
+                   out_shardings=state_shardings(config, model, mesh))(rng)
+
+
+def abstract_train_state(config, model, mesh) -> TrainState:
+    """The train state as `jax.ShapeDtypeStruct`s with their shardings on `mesh`, made
+    without computing anything (for ahead-of-time compilation)."""
+    shapes = jax.eval_shape(_state_init(config, model), jax.random.key(0))
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        shapes, state_shardings(config, model, mesh))

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from longjax.parallel.mesh import LOGICAL_RULES, batch_sharding, replicated
+from longjax.parallel.mesh import LOGICAL_RULES, auto_axes, batch_sharding, replicated
 from longjax.train.optimizer import learning_rate_schedule, make_optimizer
 from longjax.train.state import state_shardings
 
-BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
+BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "weights": np.float32,
+                "segment_ids": np.int32, "positions": np.int32}
+BATCH_KEYS = tuple(BATCH_DTYPES)
 
 
 def loss_and_sums(params, batch, model):
@@ -56,17 +58,43 @@ def summarize(sums) -> dict[str, float]:
     }
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Global numpy batch -> arrays sharded over (data x fsdp, sequence); multi-host safe."""
+def process_rows(mesh, batch_size: int) -> np.ndarray:
+    """Indices of the rows of a global batch of `batch_size` rows that this process's
+    devices hold (in order; all rows when one process holds the whole mesh)."""
+    shards = batch_sharding(mesh).addressable_devices_indices_map(
+        (batch_size, mesh.shape["sequence"]))
+    spans = sorted({idx[0].indices(batch_size)[:2] for idx in shards.values()})
+    return np.concatenate([np.arange(start, stop) for start, stop in spans])
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh, *,
+              batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Numpy batch -> global arrays sharded over (data x fsdp, sequence).
+
+    `batch` holds the rows `process_rows(mesh, batch_size)` of a global batch of
+    `batch_size` rows; without `batch_size` it is the whole global batch (every process
+    passes the same one).
+    """
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_callback(batch[k].shape, sharding, lambda idx, a=batch[k]: a[idx])
-        for k in BATCH_KEYS
-    }
+    rows = len(batch["tokens"]) if batch_size is None else batch_size
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k],
+                                                      (rows, *batch[k].shape[1:]))
+            for k in BATCH_KEYS}
+
+
+def abstract_batch(mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch `[batch_size, seq_len]` as `jax.ShapeDtypeStruct`s with the batch
+    sharding of `mesh` (for ahead-of-time compilation)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), BATCH_DTYPES[k], sharding=sharding)
+            for k in BATCH_KEYS}
 
 
 def make_train_step(config, model, mesh):
-    """`train_step(state, batch) -> (state, metrics)`, jitted with the mesh's shardings."""
+    """`train_step(state, batch) -> (state, metrics)`, jitted with the mesh's shardings.
+
+    `mesh` may have explicit or auto axes; the step runs on its auto twin (`auto_axes`).
+    """
     optimizer = make_optimizer(config.train)
     schedule = learning_rate_schedule(config.train)
     shardings = state_shardings(config, model, mesh)
@@ -81,25 +109,30 @@ def make_train_step(config, model, mesh):
                                   params=optax.apply_updates(state.params, updates))
         return new_state, metrics
 
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+    in_shardings = (shardings, batch_sharding(mesh))
+    jitted = jax.jit(step, in_shardings=in_shardings,
                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
     def train_step(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
+        with jax.set_mesh(auto_axes(mesh)):
+            return jitted(*jax.device_put((state, batch), in_shardings))
 
+    def lower(state, batch):
+        with jax.set_mesh(auto_axes(mesh)):
+            return jitted.lower(state, batch)
+
+    train_step.lower = lower  # ahead-of-time: lower(abstract state, abstract batch)
     return train_step
 
 
 def make_eval_step(config, model, mesh):
     """`eval_step(params, batch) -> sums` (see `loss_and_sums`)."""
-    shardings = state_shardings(config, model, mesh).params
+    in_shardings = (state_shardings(config, model, mesh).params, batch_sharding(mesh))
     jitted = jax.jit(lambda params, batch: loss_and_sums(params, batch, model)[1],
-                     in_shardings=(shardings, batch_sharding(mesh)),
-                     out_shardings=replicated(mesh))
+                     in_shardings=in_shardings, out_shardings=replicated(mesh))
 
     def eval_step(params, batch):
-        with jax.set_mesh(mesh):
-            return jitted(params, batch)
+        with jax.set_mesh(auto_axes(mesh)):
+            return jitted(*jax.device_put((params, batch), in_shardings))
 
     return eval_step

@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.platform import by_platform
 from pallas_kernels.selective_scan import gpu, tpu
 
 _KERNELS = {"gpu": gpu, "tpu": tpu}
@@ -66,24 +67,32 @@ def selective_scan_pallas(u, delta, A, B, C, keep, h0, *, interpret=False, chunk
 
     Grouped fp32 layout: u, delta `[Bt, T, G, E]`, A `[G, E, N]`, B, C `[Bt, T, G, N]`,
     keep `[Bt, T]`, h0 `[Bt, G, E, N]`. Returns `y [Bt, T, G, E]` and the final state
-    `[Bt, G, E, N]`, fp32. `backend` ("gpu" or "tpu") defaults to the default backend's
-    kernel (the GPU one off TPU); `interpret=True` runs it in the Pallas interpreter.
-    `chunk_size` (tokens between saved states) defaults to 16 on GPU, 128 on TPU.
+    `[Bt, G, E, N]`, fp32. `backend` ("gpu" or "tpu") defaults to the kernel of the
+    platform lowered for (`pallas_kernels.platform.by_platform`); `interpret=True` runs it
+    in the Pallas interpreter. `chunk_size` (tokens between saved states) defaults to the
+    kernel's `DEFAULT_CHUNK`; a compiled kernel refuses calls past its limits (each
+    kernel's `refusal`) with a ValueError.
     """
-    backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
-    if backend not in _KERNELS:
-        raise ValueError(f"selective_scan_pallas: backend must be 'gpu' or 'tpu'; got {backend!r}")
+    def kernel(backend, u, delta, A, B, C, keep, h0):
+        return _padded_scan(backend, u, delta, A, B, C, keep, h0, chunk_size, interpret)
+
+    def refusal(backend):
+        module = _KERNELS[backend]
+        return None if interpret else module.refusal(
+            A.shape[-1], chunk_size or module.DEFAULT_CHUNK)
+
+    return by_platform(kernel, u, delta, A, B, C, keep, h0, backend=backend,
+                       interpret=interpret, refusal=refusal)
+
+
+def _padded_scan(backend, u, delta, A, B, C, keep, h0, chunk_size, interpret):
+    """The scan through `backend`'s kernel, its inputs padded to the kernel's blocks."""
+    module = _KERNELS[backend]
     Bt, T, G, E = u.shape
     N = A.shape[-1]
-    K = chunk_size or (16 if backend == "gpu" else 128)
-    if backend == "gpu":  # Triton blocks are powers of two
-        block_e = min(64, pl_next_power_of_2(E))
-        N_pad = pl_next_power_of_2(N)
-    else:  # TPU lanes: a multiple of 128 or the whole (small) channel axis
-        block_e = E if E <= 128 else 128
-        N_pad = N
+    K, block_e, N_pad = module.blocks(E, N, chunk_size or module.DEFAULT_CHUNK)
     BG = Bt * G
-    seq = lambda x: x.transpose(0, 2, 1, 3).reshape(BG, T, x.shape[-1])
+    seq = lambda x: x.transpose(0, 2, 1, 3).reshape(BG, T, x.shape[-1])  # noqa: E731
     u_k = _pad(_pad(seq(u), 1, K), 2, block_e)
     dt_k = _pad(_pad(seq(delta), 1, K), 2, block_e)
     B_k = _pad(_pad(seq(B), 1, K), 2, N_pad)
@@ -95,7 +104,3 @@ def selective_scan_pallas(u, delta, A, B, C, keep, h0, *, interpret=False, chunk
     y = y[:, :T, :E].reshape(Bt, G, T, E).transpose(0, 2, 1, 3)
     hT = hT[:, :N, :E].transpose(0, 2, 1).reshape(Bt, G, E, N)
     return y, hT
-
-
-def pl_next_power_of_2(n):
-    return 1 << max(0, (n - 1).bit_length())

@@ -1,4 +1,6 @@
-"""Selective scan kernels in the GPU (Triton) style of Pallas.
+"""Selective scan kernels for GPUs in Pallas, lowered through Triton (its
+`CompilerParams` name the backend; without them JAX 0.10 picks Mosaic GPU, which would
+stage each program's whole `[T, E]` blocks in shared memory and refuses them).
 
 Grid `(batch * groups, channel blocks)`; each program walks the whole sequence, keeping its
 `[N, E]` state in fp32 registers. The forward pass saves the state at the start of every
@@ -15,8 +17,35 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.selective_scan import step
+
+DEFAULT_CHUNK = 16
+MAX_CHUNK = 32  # the backward keeps chunk + 1 states in registers
+MAX_STATE = 128
+_STATE_BUDGET = 1024  # fp32 elements of one [N, E] state per program (8 per thread at 4 warps)
+_PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=1)
+
+
+def refusal(N, chunk_size):
+    """Why the compiled kernel cannot serve state size N with chunks of `chunk_size`
+    tokens, or None."""
+    if not 1 <= chunk_size <= MAX_CHUNK:
+        return (f"selective scan GPU kernel: chunk_size must be in 1..{MAX_CHUNK} (the "
+                f"backward keeps chunk_size + 1 states in registers); got {chunk_size}")
+    if N > MAX_STATE:
+        return (f"selective scan GPU kernel: state size N must be at most {MAX_STATE} (the "
+                f"state lives in registers); got {N}")
+    return None
+
+
+def blocks(E, N, chunk_size):
+    """`(K, block_e, N_pad)` for E channels and state size N: Triton tiles are powers of
+    two, and a program's state `[N_pad, block_e]` stays within `_STATE_BUDGET` (16 channels
+    at least)."""
+    N_pad = pl.next_power_of_2(N)
+    return chunk_size, min(pl.next_power_of_2(E), max(16, _STATE_BUDGET // N_pad)), N_pad
 
 
 def _inputs(u_ref, dt_ref, B_ref, C_ref, keep_ref, t):
@@ -100,6 +129,7 @@ def forward(u, dt, A_T, B, C, keep, h0, *, K, block_e, interpret):
         out_shape=[jax.ShapeDtypeStruct((BG, T, D), f32), jax.ShapeDtypeStruct((BG, N, D), f32),
                    jax.ShapeDtypeStruct((BG, nC, N, D), f32)],
         interpret=interpret,
+        compiler_params=_PARAMS,
         name="selective_scan_fwd",
     )(u, dt, A_T, B, C, keep, h0)
 
@@ -125,5 +155,6 @@ def backward(u, dt, A_T, B, C, keep, checkpoints, dy, dhT, *, K, block_e, interp
                    jax.ShapeDtypeStruct((BG, nE, T, N), f32),
                    jax.ShapeDtypeStruct((BG, N, D), f32)],
         interpret=interpret,
+        compiler_params=_PARAMS,
         name="selective_scan_bwd",
     )(u, dt, A_T, B, C, keep, checkpoints, dy, dhT)

@@ -20,6 +20,22 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.selective_scan import step
 
+DEFAULT_CHUNK = 128
+
+
+def refusal(N, chunk_size):
+    """Why the compiled kernel cannot serve chunks of `chunk_size` tokens, or None."""
+    if chunk_size % 128:
+        return (f"selective scan TPU kernel: chunk_size must be a multiple of 128 (the "
+                f"[2N + 1, chunk] B/C tile is lane-major); got {chunk_size}")
+    return None
+
+
+def blocks(E, N, chunk_size):
+    """`(K, block_e, N_pad)`: 128 channels per block (or all, up to 128), N padded to 8
+    sublanes."""
+    return chunk_size, E if E <= 128 else 128, -(-N // 8) * 8
+
 
 def _column(tile, l):
     """Column l `[R, 1]` of a `[R, K]` tile."""
