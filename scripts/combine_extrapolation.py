@@ -7,14 +7,18 @@ Each run is `label=<workdir>` (its `extrapolation/` folder, or the folder itself
 holds results.csv). A run's method `none` becomes the row `label`, any other method
 `label + method` (`--methods` keeps only some); the training length marked on the plots
 is the first run's. Writes results.csv, loss_per_position.csv, results.md and the plots
-of `longjax.eval.report` into `--output_dir`.
+of `longjax.eval.report` into `--output_dir`. Runs labelled `name#seed` (e.g. `rope#0`,
+`rope#1`, `rope#2`) are seeds of one setting: `seeds.md` then gives their mean, standard
+deviation and range per method and length.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import pathlib
+import statistics
 import sys
 
 from absl import app, flags
@@ -63,6 +67,33 @@ def combine(runs: list[tuple[str, pathlib.Path]], methods=None) -> Results:
     return combined
 
 
+def seed_spread(results: Results) -> str:
+    """`seeds.md`: for rows whose label is `name#seed`, mean +- standard deviation [min,
+    max] (n seeds) of each (name + method, mode, metric, length)."""
+    groups = collections.defaultdict(list)
+    for row in results.rows:
+        label, _, method = row["method"].partition(" + ")
+        name, sep, _ = label.partition("#")
+        if sep and row["metric"] in ("bits_per_byte", "exact_match"):
+            key = (row["mode"], row["metric"], name + (f" + {method}" if method else ""))
+            groups[key + (row["length"],)].append(row["value"])
+    lines = ["# Seeds: mean +- standard deviation [min, max] (n)"]
+    for mode, metric in dict.fromkeys(k[:2] for k in groups):
+        lengths = sorted({k[3] for k in groups if k[:2] == (mode, metric)})
+        lines += ["", f"## {metric} ({mode})", "",
+                  "| setting | " + " | ".join(map(str, lengths)) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for setting in dict.fromkeys(k[2] for k in groups if k[:2] == (mode, metric)):
+            cells = []
+            for n in lengths:
+                v = groups.get((mode, metric, setting, n), [])
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                cells.append(f"{statistics.mean(v):.3f} +- {sd:.3f} [{min(v):.3f}, "
+                             f"{max(v):.3f}] ({len(v)})" if v else "")
+            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv):
     del argv
     if not _RUNS.value or not _OUTPUT_DIR.value:
@@ -78,6 +109,10 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     for path in report.write_outputs(results, _OUTPUT_DIR.value):
+        print(path)
+    if any("#" in label for label, _ in runs):
+        path = pathlib.Path(_OUTPUT_DIR.value) / "seeds.md"
+        path.write_text(seed_spread(results))
         print(path)
 
 

@@ -2,6 +2,7 @@
 independent loss computation, loss per position, passkey and task accuracy, the methods
 and their errors, the output files and scripts/evaluate_lengths.py."""
 
+import functools
 import importlib.util
 import itertools
 import math
@@ -22,6 +23,7 @@ from longjax.eval.extrapolation import (
     NONOVERLAPPING,
     PASSKEY,
     Checkpoint,
+    Results,
     accuracy,
     evaluate,
     evaluate_workdir,
@@ -328,7 +330,7 @@ def test_methods_that_cannot_apply():
 
 @pytest.mark.parametrize("method", ["linear:2", "ntk:auto", "dynamic_ntk:1", "yarn:auto",
                                     "llama3:8", "lm_infinite", "streaming", "window",
-                                    "self_extend:4:8", "logn", "yarn:auto+logn"])
+                                    "self_extend:4:8", "logn", "yarn:auto+logn", "giraffe"])
 def test_every_method_builds_a_model_the_attention_accepts(method):
     """The options reach the attention layer, which accepts them (traced, not compiled)."""
     config = apply_method(_config().model, method, train_length=L, eval_length=4 * L)
@@ -365,13 +367,20 @@ def test_script_writes_the_outputs(workdir, tmp_path):
     assert "## bits_per_byte (sliding:n/2)" in (out / "results.md").read_text()
 
 
+@functools.cache
+def _combine_script():
+    """scripts/combine_extrapolation.py as a module, loaded once (it defines absl flags)."""
+    spec = importlib.util.spec_from_file_location(
+        "combine_extrapolation", REPO / "scripts/combine_extrapolation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_combine_runs_side_by_side(results, tmp_path):
     """scripts/combine_extrapolation.py: runs' rows relabelled `label` (method none) or
     `label + method`, curves too, written as one report."""
-    spec = importlib.util.spec_from_file_location(
-        "combine_extrapolation", REPO / "scripts/combine_extrapolation.py")
-    combine_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(combine_script)
+    combine_script = _combine_script()
     for name in ("a", "b"):
         report.write_outputs(results, tmp_path / name / "extrapolation")
         (tmp_path / name / "config.json").write_text('{"data": {"seq_len": 16}}')
@@ -389,3 +398,18 @@ def test_combine_runs_side_by_side(results, tmp_path):
     assert {r["method"] for r in only.rows} == {"rope"}
     with pytest.raises(ValueError, match="no results.csv"):
         combine_script.combine([("x", tmp_path / "missing")])
+
+
+def test_seed_spread_of_runs_labelled_name_hash_seed():
+    """`name#seed` runs are grouped: mean, sample standard deviation, range and count per
+    setting and length; runs without a seed are left out."""
+    combine_script = _combine_script()
+    combined = Results(workdir="", step=0, train_length=16)
+    for label, value in (("rope#0", 2.0), ("rope#1", 2.5), ("rope#2", 3.0), ("alibi", 9.0),
+                         ("rope#0 + yarn:auto", 1.0), ("rope#1 + yarn:auto", 1.5)):
+        combined.rows.append({"method": label, "mode": NONOVERLAPPING, "length": 32,
+                              "metric": "bits_per_byte", "value": value})
+    text = combine_script.seed_spread(combined)
+    assert "| rope | 2.500 +- 0.500 [2.000, 3.000] (3) |" in text
+    assert "| rope + yarn:auto | 1.250 +- 0.354 [1.000, 1.500] (2) |" in text
+    assert "alibi" not in text

@@ -130,6 +130,8 @@ def test_rotated_queries_equal_transformers_llama_rotary_embedding(rope_type, fa
     ("longrope", {"short_factor": [1.0] * 16}, "needs 'long_factor'"),
     ("longrope", {"short_factor": [1.0] * 3, "long_factor": [1.0] * 3}, "needs 16"),
     ("yarn", {"beta_fast": 0}, "beta_fast=0 must be a number > 0"),
+    ("truncated", {"a": 0.1, "b": 0.5}, "needs 'rho'"),
+    ("truncated", {"a": 0.5, "b": 0.1, "rho": 0.1}, "needs 0 <= a <= b and rho >= 0"),
 ])
 def test_bad_rope_scaling_params_are_named(scaling, params, match):
     with pytest.raises(ValueError, match=match):

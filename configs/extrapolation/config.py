@@ -18,7 +18,10 @@ Synthetic task: instances of size 1 .. 20 in training, tested at sizes up to 40:
 Variants: `scheme=` one of `SCHEMES` (default `rope`), `task=` one of copy, reverse,
 addition, parity, sorting, summation (default: the corpus), `max_size=` (the largest
 training instance, default 20), plus the short names and dotted fields of every config
-(`steps=`, `d_model=`, ...). Training-free methods (YaRN, LM-Infinite, Self-Extend, ...)
+(`steps=`, `d_model=`, `seed=`, ...). Training rows start at position 0
+(`config.data.positions="row"`, the train-short setting; "document" would continue a cut
+document's positions, which trains absolute schemes on the positions the long evaluation
+tests). Training-free methods (YaRN, LM-Infinite, Self-Extend, ...)
 are evaluation-time options of `scripts/evaluate_lengths.py --methods=...`.
 docs/results/length_extrapolation.md gives the sweep and its results.
 """
@@ -69,5 +72,6 @@ def get_config(arg=None):
     apply_overrides(config, SCHEMES[scheme])
     config = apply_arg(config, ",".join(f"{k}={v}" for k, v in overrides.items()))
     config.model.mixer_options.attention.train_length = config.data.seq_len
-    config.model.max_position = config.data.seq_len
+    # learned positions: a table of at least seq_len rows (more with model.max_position=)
+    config.model.max_position = max(config.model.max_position, config.data.seq_len)
     return config

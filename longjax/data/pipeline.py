@@ -21,6 +21,8 @@ import numpy as np
 
 from longjax.data import best_fit, decomposition, packing, sources, tokenizer
 
+POSE_STREAM = 7  # the random stream of PoSE's positions, apart from the shuffles
+
 
 def load_token_docs(data_config, split: str, *, seed: int, tok=None) -> list[np.ndarray]:
     """The split's documents as token arrays, BOS / EOS framed, in the tokens of `tok`
@@ -45,16 +47,20 @@ class PackedDataset:
 
     stats: dict[str, float] = {}
 
-    def __init__(self, rows: dict[str, np.ndarray], *, seed: int, shuffle: bool):
+    def __init__(self, rows: dict[str, np.ndarray], *, seed: int, shuffle: bool,
+                 positions: str = "row", pose_length: int = 0):
         self.rows = rows
         self.seed = seed
         self.shuffle = shuffle
+        self.positions = positions  # "row" | "document" (longjax.data.packing)
+        self.pose_length = pose_length  # > 0: PoSE positions over this length
 
     @classmethod
     def from_config(cls, data_config, split: str, *, seed: int, seq_len: int | None = None):
         """The split packed into rows of `seq_len + 1` tokens: by `data_config.packing`
         ("concat" or "best_fit") for the train split, concat-and-chunk for the others
-        (so every training recipe is evaluated on the same rows)."""
+        (so every training recipe is evaluated on the same rows), with the positions of
+        `data_config.positions`; PoSE (`data_config.pose_length`) for the train split."""
         token_docs = load_token_docs(data_config, split, seed=seed)
         row_length = (seq_len or data_config.seq_len) + 1
         method = data_config.packing if split == "train" else "concat"
@@ -62,7 +68,9 @@ class PackedDataset:
             rows = best_fit.pack_best_fit(token_docs, row_length)
         else:
             rows = packing.pack_documents(token_docs, row_length)
-        dataset = cls(rows, seed=seed, shuffle=split == "train")
+        train = split == "train"
+        dataset = cls(rows, seed=seed, shuffle=train, positions=data_config.positions,
+                      pose_length=data_config.pose_length if train else 0)
         dataset.stats = best_fit.packing_stats([len(d) for d in token_docs], row_length, method)
         return dataset
 
@@ -89,6 +97,7 @@ class PackedDataset:
 
         Shuffled (train): the order is reshuffled every epoch and batches run on forever.
         Unshuffled (evaluation): rows in order; rows past the end get weight 0.
+        With PoSE, the positions are drawn from (seed, step).
         """
         index = step * batch_size + (np.arange(batch_size) if rows is None else rows)
         if self.shuffle:
@@ -97,7 +106,12 @@ class PackedDataset:
                               for e, o in zip(epochs, offsets, strict=True)])
         else:
             picks = np.minimum(index, self.num_rows - 1)
-        batch = packing.rows_to_batch({k: v[picks] for k, v in self.rows.items()})
+        batch = packing.rows_to_batch({k: v[picks] for k, v in self.rows.items()},
+                                      positions=self.positions)
+        if self.pose_length:
+            rng = np.random.default_rng((self.seed, step, POSE_STREAM))
+            batch["positions"] = packing.pose_positions(batch["positions"], self.pose_length,
+                                                        rng)
         if not self.shuffle:
             batch["weights"] = batch["weights"] * (index < self.num_rows)[:, None]
         return batch
@@ -169,8 +183,10 @@ class DecomposedStream:
     batch_size = 0
 
     def __init__(self, dataset: decomposition.DecomposedDataset,
-                 sampler: decomposition.CurriculumSampler, rows: RowSelector | None = None):
+                 sampler: decomposition.CurriculumSampler, rows: RowSelector | None = None,
+                 positions: str = "row"):
         self.dataset, self.sampler, self.rows = dataset, sampler, rows
+        self.positions = positions
         self.stats = dataset.stats()
 
     def next(self) -> dict[str, np.ndarray]:
@@ -178,7 +194,8 @@ class DecomposedStream:
         self.batch_size = len(picks)
         if self.rows is not None:
             picks = picks[self.rows(len(picks))]
-        return packing.rows_to_batch(self.dataset.rows(length, picks))
+        return packing.rows_to_batch(self.dataset.rows(length, picks),
+                                     positions=self.positions)
 
     def state(self) -> dict:
         return self.sampler.state()
@@ -201,4 +218,4 @@ def make_train_stream(config, *, index: int = 0, rows: RowSelector | None = None
         {n: dataset.num_rows(n) for n in dataset.bucket_lengths}, odds,
         tokens_per_step=d.batch_size * d.seq_len,
         cycle_steps=-(-config.train.steps // d.curriculum_cycles), seed=config.seed)
-    return DecomposedStream(dataset, sampler, rows)
+    return DecomposedStream(dataset, sampler, rows, d.positions)

@@ -9,6 +9,8 @@ parameters, so the trained parameters still load. Parts compose with `+`
 - `linear:S` (Position Interpolation, Chen et al. 2023), `ntk:S` (NTK-aware base change,
   bloc97 2023), `dynamic_ntk:S`, `yarn:S` (Peng et al. 2023), `llama3:S` (Meta 2024): RoPE
   scaling by the factor S (a number > 0, or `auto`: max(1, n / L) at each length).
+- `giraffe`: Giraffe's truncated RoPE basis (Pal et al. 2023) with
+  `positions.giraffe_params(L, n)`.
 - `lm_infinite`: LM-Infinite (Han et al. 2023): 10 sinks, a window of L and no distance
   beyond L.
 - `streaming`: StreamingLLM (Xiao et al. 2023): 4 sinks and a window of L - 4, positions
@@ -31,9 +33,12 @@ from longjax.nn.attention import ROTARY
 from longjax.nn.pattern import layer_mixers
 from longjax.ops import positions
 
-ROPE_SCALINGS = tuple(s for s in positions.ROPE_SCALINGS if s != "none")
-ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "lm_infinite", "streaming", "window",
-           "self_extend:G:W", "logn")
+# The scalings set by a factor alone (LongRoPE needs per-pair factors from a search; the
+# truncated basis is the `giraffe` method).
+ROPE_SCALINGS = tuple(s for s in positions.ROPE_SCALINGS
+                      if s not in ("none", "longrope", "truncated"))
+ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "giraffe", "lm_infinite", "streaming",
+           "window", "self_extend:G:W", "logn")
 LM_INFINITE_SINKS = 10
 STREAMING_SINKS = 4
 _OPTIONS = "config.model.mixer_options.attention"
@@ -90,6 +95,10 @@ def method_overrides(method: str, *, train_length: int, eval_length: int) -> dic
             factor = (max(1.0, eval_length / L) if args[0] == "auto"
                       else _factor(method, args[0]))
             part = {"rope_scaling": name, "rope_scaling_factor": factor, "train_length": L}
+        elif name == "giraffe":
+            part = {"rope_scaling": "truncated", "rope_scaling_factor": 1.0, "train_length": L,
+                    "rope_scaling_params": positions.canonical_rope_params(
+                        positions.giraffe_params(L, max(L, eval_length)))}
         elif name == "lm_infinite":
             part = {"cache_mode": "lm_infinite", "num_sinks": LM_INFINITE_SINKS, "window": L,
                     "train_length": L}
@@ -136,7 +145,8 @@ def apply_method(model_config, method: str, *, train_length: int,
     options = registry.mixer_options("attention", config)
     position = options.get("position", "rope")
     for name, _ in parse_method(method):
-        allowed = ROTARY if name in ROPE_SCALINGS else ("rope",) if name == "self_extend" else ()
+        allowed = (ROTARY if name in (*ROPE_SCALINGS, "giraffe")
+                   else ("rope",) if name == "self_extend" else ())
         if allowed and (position not in allowed or options["rope_fraction"] <= 0):
             raise ValueError(f"method {method!r}: {name} rescales RoPE positions, but the "
                              f"checkpoint's attention has {_OPTIONS}.position={position!r} "

@@ -382,8 +382,8 @@ class AttentionMixer(nn.Module):
         out = dot_product_attention(
             self._query(q, positions, enc), keys, values, causal=True,
             segment_ids=segment_ids, kv_segment_ids=cache["segment_ids"],
-            q_positions=q_slots, kv_positions=kv_slots, **options,
-            **self._scores(bias, positions, kv_pos))
+            q_positions=q_slots, kv_positions=kv_slots, window=self.window,
+            num_sinks=self.num_sinks, **options, **self._scores(bias, positions, kv_pos))
         return out, cache
 
     def _self_extend(self, q, k, v, q_pos, kv_pos, seg, kv_seg, q_slots, kv_slots, enc,

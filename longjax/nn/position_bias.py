@@ -86,7 +86,8 @@ class FireBias(nn.Module):
 class AbsolutePositions(nn.Module):
     """Position embeddings `[B, T, d_model]` added to the token embeddings: `sinusoidal`
     (Vaswani et al. 2017) or a `learned` table of `max_position` rows (Radford et al.
-    2018); positions past the table are an error the caller checks (`check_positions`)."""
+    2018). Positions outside the table are a ValueError when they are known (not traced)
+    and NaN rows under jit, never a silently clamped row."""
 
     kind: str
     d_model: int
@@ -98,4 +99,11 @@ class AbsolutePositions(nn.Module):
             return positions_lib.sinusoidal_embedding(positions, self.d_model)
         table = self.param("table", nn.initializers.normal(0.02),
                            (self.max_position, self.d_model))
-        return table[positions]
+        try:
+            lowest, highest = int(jnp.min(positions)), int(jnp.max(positions))
+        except jax.errors.ConcretizationTypeError:  # traced: NaN rows below
+            lowest, highest = 0, 0
+        if lowest < 0 or highest >= self.max_position:
+            raise ValueError(f"positions {lowest}..{highest} fall outside the learned position "
+                             f"table of config.model.max_position={self.max_position} rows")
+        return table.at[positions].get(mode="fill", fill_value=jnp.nan)

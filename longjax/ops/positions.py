@@ -28,7 +28,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3", "longrope")
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3", "longrope",
+                 "truncated")
 # The `params` each scaling accepts, with transformers' field names (its
 # `rope_parameters`), and their defaults (None: computed, or required).
 ROPE_SCALING_PARAMS = {
@@ -45,7 +46,12 @@ ROPE_SCALING_PARAMS = {
     # LongRoPE (Ding et al. 2024): per-pair rescale factors `[R/2]` for lengths up to the
     # training length (short) and beyond it (long).
     "longrope": {"short_factor": None, "long_factor": None, "attention_factor": None},
+    # Giraffe's truncated basis (Pal et al. 2023, Sec. 3.3): frequencies >= b kept, those
+    # in (a, b) set to rho, those <= a to 0 (radians per position, 0 <= a <= b; see
+    # `giraffe_params`).
+    "truncated": {"a": None, "b": None, "rho": None},
 }
+_REQUIRED = {"longrope": ("short_factor", "long_factor"), "truncated": ("a", "b", "rho")}
 _NEEDS_LENGTH = ("dynamic_ntk", "yarn", "llama3", "longrope")
 XPOS_GAMMA, XPOS_SCALE_BASE = 0.4, 512.0
 
@@ -61,11 +67,13 @@ def rope_scaling_params(scaling, params=None, *, where="rope_scaling_params"):
             raise ValueError(f"{where}: {name!r} is not a parameter of rope_scaling="
                              f"{scaling!r}; allowed: {sorted(allowed)}")
     out = {**allowed, **given}
-    if scaling == "longrope":
-        for name in ("short_factor", "long_factor"):
-            if out[name] is None:
-                raise ValueError(f"{where}: rope_scaling='longrope' needs {name!r} (one "
-                                 "rescale factor per rotary pair)")
+    for name in _REQUIRED.get(scaling, ()):
+        if out[name] is None:
+            raise ValueError(f"{where}: rope_scaling={scaling!r} needs {name!r}; give "
+                             f"{list(_REQUIRED[scaling])}")
+    if scaling == "truncated" and not (0 <= out["a"] <= out["b"] and out["rho"] >= 0):
+        raise ValueError(f"{where}: rope_scaling='truncated' needs 0 <= a <= b and rho >= 0; "
+                         f"got a={out['a']!r}, b={out['b']!r}, rho={out['rho']!r}")
     if scaling == "yarn":
         for name in ("beta_fast", "beta_slow"):
             if not (isinstance(out[name], int | float) and out[name] > 0):
@@ -128,6 +136,7 @@ def rope_frequencies(head_dim, *, base=10000.0, fraction=1.0, scaling="none", fa
       L / high_freq_factor kept, in between interpolated with
       smooth = (L / wavelength - low) / (high - low).
     - longrope: theta_i / long_factor[i] when length > L, else / short_factor[i].
+    - truncated (Giraffe): theta_i if theta_i >= b, rho if a < theta_i < b, else 0.
     """
     check_rope_scaling(scaling, factor, original_length, params=params)
     p = rope_scaling_params(scaling, params)
@@ -165,7 +174,19 @@ def rope_frequencies(head_dim, *, base=10000.0, fraction=1.0, scaling="none", fa
                                else short)
         return jnp.where(length > original_length, jnp.asarray(inv_freq / long, jnp.float32),
                          jnp.asarray(inv_freq / short, jnp.float32))
+    if scaling == "truncated":
+        return np.where(inv_freq >= p["b"], inv_freq, np.where(inv_freq > p["a"], p["rho"], 0.0))
     return inv_freq
+
+
+def giraffe_params(train_length, target_length):
+    """Truncated-basis parameters for a model trained at L = `train_length` and run at
+    N = `target_length` (our choice; Pal et al. 2023 tune a, b, rho per model): b = 2 pi / L
+    keeps the pairs that turn at least once within L, a = rho = 2 pi / N zeroes those that
+    never turn once within N and gives the band between one frequency that turns once
+    over N."""
+    return {"a": 2 * math.pi / target_length, "b": 2 * math.pi / train_length,
+            "rho": 2 * math.pi / target_length}
 
 
 def _yarn_ramp(rotary_dim, base, original_length, p):
@@ -364,10 +385,11 @@ def fire_inputs(q_positions, kv_positions, c, threshold):
 
 def sinusoidal_embedding(positions, dim, *, base=10000.0):
     """Sinusoidal position embeddings `[B, T, dim]` (Vaswani et al. 2017, Sec. 3.5):
-    PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos(p / base^(2i/dim))."""
-    inv_freq = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos(p / base^(2i/dim)), the angles
+    exact at any position (`rope_angles`)."""
+    inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    cos, sin = rope_angles(positions, inv_freq)
+    pe = jnp.stack([sin, cos], axis=-1)
     return pe.reshape(*positions.shape, -1)[..., :dim]
 
 

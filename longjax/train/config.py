@@ -12,7 +12,7 @@ import ast
 import ml_collections
 from ml_collections import config_dict
 
-from longjax.data import decomposition, tokenizer
+from longjax.data import decomposition, packing, tokenizer
 from longjax.data.sources import SOURCES
 from longjax.nn import registry
 from longjax.nn.layers import MLPS
@@ -61,6 +61,13 @@ def base_config() -> ml_collections.ConfigDict:
         # `curriculum_cycles` cycles of the run.
         packing="concat", bucket_lengths=(64, 128, 256), curriculum="uniform",
         curriculum_cycles=1,
+        # Positions in a training row (longjax.data.packing): "row" restarts them at 0 at
+        # each row and document start (train short: positions < seq_len); "document"
+        # continues a cut document's positions (on purpose only).
+        positions="row",
+        # PoSE (Zhu et al. 2023): > 0 spreads each training row's positions over this
+        # length with random skips (config.data.positions must be "row"); 0 = off.
+        pose_length=0,
         # A folder with a tokenizer.json (a checkpoint's); "" = bytes (longjax.data.tokenizer).
         tokenizer="",
     ))
@@ -239,7 +246,13 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
                          "or -1 for the whole split")
     _validate_recipes(config, num_data_shards)
     _validate_sequence_shards(config, num_sequence_shards)
-    longest = max([*d.eval_seq_lens, *(s.seq_len for s in stages_lib.schedule(config))])
+    stages = stages_lib.schedule(config)
+    longest = max([*d.eval_seq_lens, d.pose_length, *(s.seq_len for s in stages),
+                   *(s.pose_length for s in stages)])
+    if m.position_embedding == "learned" and d.positions == "document":
+        raise ValueError("config.data.positions='document' feeds positions past the learned "
+                         "position table (config.model.position_embedding='learned'); use "
+                         "'row'")
     if m.position_embedding == "learned" and m.max_position < longest:
         raise ValueError(f"config.model.max_position={m.max_position} must cover the longest "
                          f"length the model runs at ({longest}) with learned positions")
@@ -269,6 +282,16 @@ def _validate_sequence_shards(config, shards: int) -> None:
 def _validate_recipes(config, num_data_shards: int) -> None:
     """Packing, dataset decomposition, curriculum, length stages and evaluation lengths."""
     d = config.data
+    if d.positions not in packing.POSITIONS:
+        raise ValueError(f"config.data.positions={d.positions!r}; allowed: "
+                         f"{list(packing.POSITIONS)}")
+    pose_length = max(d.pose_length, *(s.pose_length for s in stages_lib.schedule(config)))
+    if pose_length and (d.positions != "row" or d.packing == "decomposition"
+                        or d.source == "task"):
+        raise ValueError(f"PoSE (config.data.pose_length or a 'pose:N' stage) needs a text "
+                         "source with config.data.positions='row' and 'concat' or 'best_fit' "
+                         f"packing; got positions={d.positions!r}, packing={d.packing!r}, "
+                         f"source={d.source!r}")
     if d.packing not in PACKINGS:
         raise ValueError(f"config.data.packing={d.packing!r}; allowed: {list(PACKINGS)}")
     bad_lens = [n for n in d.eval_seq_lens if not isinstance(n, int) or n < 1]

@@ -120,8 +120,10 @@ def train_and_evaluate(config, workdir) -> dict[str, dict[str, float]]:
         if first == stage.start and primary:
             _write_json(workdir / f"train_data_stage{number}.json", stream.stats)
         if len(stages) > 1:
-            logging.info("Stage %d: steps %d-%d at seq_len %d, RoPE base %g", number,
-                         stage.start, stage.stop, stage.seq_len, stage.rope_base)
+            logging.info("Stage %d: steps %d-%d at seq_len %d, RoPE base %g, scaling %s x%g, "
+                         "PoSE length %d", number, stage.start, stage.stop, stage.seq_len,
+                         stage.rope_base, stage.rope_scaling, stage.rope_scaling_factor,
+                         stage.pose_length)
         tick, tokens_since, logged_seconds = time.perf_counter(), 0, 0.0
         for step in range(first, stage.stop):
             batch = stream.next()
