@@ -2,9 +2,12 @@
 
 from setuptools import find_packages, setup
 
+# jax and flax lower bounds: the versions the test suite (kernels and lowering included)
+# runs with; older releases are untested (Pallas' compiler parameters and lowering change
+# between JAX releases).
 CORE = [
-    "jax>=0.7.1",
-    "flax>=0.11.0",
+    "jax>=0.10.2",
+    "flax>=0.12.8",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11.0",
     "ml_collections>=1.0.0",
@@ -29,8 +32,8 @@ EXTRAS = {
         "nbclient>=0.10",
         "ipykernel>=6.29",
     ],
-    "gpu": ["jax[cuda12]>=0.7.1"],
-    "tpu": ["jax[tpu]>=0.7.1"],
+    "gpu": ["jax[cuda12]>=0.10.2"],
+    "tpu": ["jax[tpu]>=0.10.2"],
     "notebook": ["jupyter>=1.0", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
 }
 

@@ -75,6 +75,7 @@ def _check_kernel(backend, kind, B, T, S, H, K, D, dtype, block_q, block_k):
         ("lambda_alibi_softcap", 1, 45, 45, 2, 1, 32, jnp.float32, 16, 8),
         ("window_bidirectional", 1, 30, 41, 8, 1, 16, jnp.bfloat16, 16, 16),
         ("kv_cache_positions", 1, 5, 37, 2, 2, 128, jnp.float32, 16, 16),
+        ("causal_segments", 1, 20, 20, 2, 1, 24, jnp.float32, 16, 16),  # head dim padded
     ],
 )
 def test_gpu_kernel_interpret(kind, B, T, S, H, K, D, dtype, block_q, block_k):

@@ -75,9 +75,12 @@ def test_impl_matches_reference(impl, dtype, G, tol):
     _assert_close(_value_and_grads(x, seg, impl), want, tol)
 
 
-def test_tpu_kernel_matches_reference():
-    """The Mosaic TPU kernel, run by the TPU interpreter (chunks of 4 over 11 tokens)."""
-    x, seg = _inputs(G=2)
+@pytest.mark.parametrize("backend,D,N", [("tpu", 6, 4), ("gpu", 40, 40)])
+def test_kernel_matches_reference(backend, D, N):
+    """Each kernel run by the Pallas interpreter (chunks of 4 over 11 tokens). At N=40 the
+    GPU kernel pads the state to 64 and splits each group's 20 channels into blocks of 16
+    (its register budget)."""
+    x, seg = _inputs(G=2, D=D, N=N)
     args = prepare(x["u"], x["delta"], x["A"], x["B"], x["C"], x["delta_bias"], True,
                    x["initial_state"])
     keep = segment_keep(seg)
@@ -86,11 +89,12 @@ def test_tpu_kernel_matches_reference():
         y, last = fn(u, dt, A, B, C, keep, h0)
         return jnp.sum(y * jnp.cos(y)) + jnp.sum(jnp.sin(last)), (y, last)
 
-    tpu = functools.partial(selective_scan_pallas, interpret=True, chunk_size=4, backend="tpu")
+    kernel = functools.partial(selective_scan_pallas, interpret=True, chunk_size=4,
+                               backend=backend)
     ref = lambda u, dt, A, B, C, keep, h0: selective_scan_core(u, dt, A, B, C, keep=keep, h0=h0,
                                                                impl="reference")
     grads = lambda fn: jax.grad(functools.partial(loss, fn), argnums=range(6), has_aux=True)(*args)
-    _assert_close(grads(tpu), grads(ref), 1e-4)
+    _assert_close(grads(kernel), grads(ref), 1e-4)
 
 
 def test_bf16_long_sequence_is_finite_and_close():

@@ -211,8 +211,9 @@ class AttentionMixer(nn.Module):
                      num_input_dims=2)(out)
 
     def _blockwise(self):
-        """True when attention runs the blockwise "xla" impl (its block size is ours)."""
-        return self.impl == "xla" or (self.impl == "auto" and jax.default_backend() == "cpu")
+        """True when one query runs a path whose key block size is ours: "xla", or the
+        split-cache path "split_kv", which `impl="auto"` takes for one query."""
+        return self.impl in ("auto", "xla", "split_kv")
 
     def _bias_module(self):
         """The learned score-bias module of `position` (t5, kerple, fire) or None."""
@@ -341,7 +342,7 @@ class AttentionMixer(nn.Module):
         """Attention through the full cache. Slots order the keys (the mask); the scheme
         sees positions, slot + (the row's position - its slot), so left padding is free.
         One query with `impl="auto"` takes the split-cache decode path
-        (`ops.attention.split_kv_attention`)."""
+        (`ops.attention.split_kv_attention`, chosen by `longjax.ops.impl`)."""
         B, T = q.shape[:2]
         L, end = cache["k"].shape[1], cache["end"]
         if segment_ids is None:
@@ -365,8 +366,6 @@ class AttentionMixer(nn.Module):
             return out, cache
         if self._keys_at_read():
             keys = self._key(keys, kv_pos, enc)
-        if T == 1 and options["impl"] == "auto":  # one query: the cache split, no loop
-            options = {**options, "impl": "split_kv"}
         out = dot_product_attention(
             self._query(q, positions, enc), keys, values, causal=True,
             segment_ids=segment_ids, kv_segment_ids=cache["segment_ids"],

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longjax.ops import impl as impl_lib
 from longjax.ops.masks import EMPTY, MaskSpec, segment_visible
 
 IMPLS = ("auto", "reference", "split_kv", "xla", "pallas", "pallas_interpret", "cudnn")
@@ -566,25 +567,13 @@ _differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
 
 def _cudnn_supported(q, window, softcap, num_sinks, segment_ids, kv_segment_ids, q_positions,
                      alibi_slopes, return_lse):
+    """True for a call cuDNN's fused attention serves (on an NVIDIA GPU)."""
     return (
-        jax.default_backend() == "gpu" and (window is None or window > 0)
-        and q.dtype in (jnp.bfloat16, jnp.float16)
+        (window is None or window > 0) and q.dtype in (jnp.bfloat16, jnp.float16)
         and softcap is None and num_sinks == 0 and alibi_slopes is None
         and segment_ids is None and kv_segment_ids is None and q_positions is None
         and not return_lse
     )
-
-
-def _auto_impl(q, bias, cudnn_ok):
-    backend = jax.default_backend()
-    if backend == "gpu" and cudnn_ok:
-        return "cudnn"
-    pallas_ok = bias is None and any(q.dtype == d for d in _FLOAT_DTYPES["pallas"])
-    if backend in ("gpu", "tpu") and pallas_ok:
-        return "pallas"
-    # On CPU the blockwise version is as fast as the reference from T = 128 on and faster
-    # beyond (benchmarks/RESULTS.md, "Attention core"), with O(T) memory.
-    return "xla"
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("return_lse",))
@@ -599,8 +588,8 @@ def dot_product_attention(
     with `return_lse`). `impl`: `"reference"` (materialised scores), `"xla"` (blockwise,
     O(T) memory, custom VJP), `"pallas"` / `"pallas_interpret"` (flash-attention kernels),
     `"cudnn"` (GPU, bf16/fp16, no soft-cap / sinks / segments / ALiBi / positions / lse) or
-    `"auto"`: cuDNN where it applies, else Pallas on GPU and TPU (no dense `bias`),
-    else "xla" (always on CPU). All give the same math.
+    `"auto"`, resolved per lowering platform by `longjax.ops.impl.choose`. All give the
+    same math.
     """
     _check_args(q, k, v, window, num_sinks, segment_ids, kv_segment_ids, q_positions,
                 kv_positions, bias, alibi_slopes)
@@ -608,15 +597,26 @@ def dot_product_attention(
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     cudnn_ok = _cudnn_supported(q, window, softcap, num_sinks, segment_ids, kv_segment_ids,
                                 q_positions, alibi_slopes, return_lse)
-    if impl == "auto":
-        impl = _auto_impl(q, bias, cudnn_ok)
-    _check_dtype(impl, q, k, v)
+    args = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                window=window, num_sinks=num_sinks, bias=bias, alibi_slopes=alibi_slopes,
+                softcap=softcap, scale=scale, q_positions=q_positions,
+                kv_positions=kv_positions, return_lse=return_lse, block_q=block_q,
+                block_k=block_k)
+    if impl != "auto":
+        _check_dtype(impl, q, k, v)
+    if impl == "cudnn" and not (cudnn_ok and impl_lib.cudnn_available()):
+        raise ValueError(
+            "impl='cudnn' needs cuDNN (a CUDA jaxlib), bf16/fp16 inputs and no softcap, "
+            "num_sinks, segment_ids, positions, alibi_slopes or return_lse")
+    return impl_lib.run("attention", impl, lambda name: _attention(q, k, v, name, **args),
+                        query_length=q.shape[1], cudnn_supported=cudnn_ok)
+
+
+def _attention(q, k, v, impl, *, causal, segment_ids, kv_segment_ids, window, num_sinks,
+               bias, alibi_slopes, softcap, scale, q_positions, kv_positions, return_lse,
+               block_q, block_k):
+    """`dot_product_attention` through one named implementation."""
     if impl == "cudnn":
-        if not cudnn_ok:
-            raise ValueError(
-                "impl='cudnn' needs a GPU, bf16/fp16 inputs and no softcap, num_sinks, "
-                "segment_ids, positions, alibi_slopes or return_lse"
-            )
         local = None if window is None else (window - 1, 0 if causal else window - 1)
         if bias is not None:
             bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)

@@ -20,7 +20,8 @@ Implementations (`impl=`): `"reference"` is the token-by-token recurrence (the o
 `"xla"` is chunked: within a chunk of C tokens the outputs are dense matmuls, and each
 chunk is summarised as an affine map of its incoming state, `S -> A S + B` (A diagonal,
 or a `[Dk, Dk]` matrix for the delta rules, built with the WY / UT representation of
-Yang et al. 2024), so only `T / C` sequential steps remain. `"auto"` is `"xla"`.
+Yang et al. 2024), so only `T / C` sequential steps remain. `"auto"` is resolved per
+lowering platform by `longjax.ops.impl`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from longjax.ops import impl as impl_lib
 
 IMPLS = ("auto", "reference", "xla")
 FEATURE_MAPS = ("identity", "elu+1", "relu", "taylor")
@@ -361,14 +364,18 @@ def recurrence(q, k, v, *, g=None, beta=None, segment_ids=None, initial_state=No
     state = (jnp.zeros((B, H, Dk, v.shape[3]), jnp.float32) if initial_state is None
              else f32(initial_state))
     q32, k32, v32, g32, beta32 = (f32(x) for x in (q, k, v, g, beta))
+    resets = resets_from_segments(segment_ids, B, T)
+
+    def run(name):
+        if name == "reference":
+            return _recurrent(q32, k32, v32, g32, beta32, resets, state)
+        return _chunked(q32, k32, v32, g32, beta32, resets, state, chunk_size=chunk_size,
+                        delta=beta is not None)
+
     if callable(impl):
         o, state = impl(q32, k32, v32, g32, beta32, segment_ids, state, chunk_size)
-    elif impl == "reference":
-        o, state = _recurrent(q32, k32, v32, g32, beta32,
-                              resets_from_segments(segment_ids, B, T), state)
     else:
-        o, state = _chunked(q32, k32, v32, g32, beta32, resets_from_segments(segment_ids, B, T),
-                            state, chunk_size=chunk_size, delta=beta is not None)
+        o, state = impl_lib.run("linear_attention", impl, run)
     o = o.astype(q.dtype)
     return (o, state) if return_final_state else o
 

@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from longjax.ops import impl as impl_lib
 from longjax.ops.scan import segment_keep, slice_sum
 
 IMPLS = ("reference", "xla", "pallas", "pallas_interpret")
@@ -223,21 +224,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       initial_state: `[B, D, N]` state before token 0 (default zeros).
       return_final_state: also return the fp32 state `[B, D, N]` after the last token.
       segment_ids: `[B, T]` document ids; the state resets at every border.
-      impl: "reference", "xla", "pallas", "pallas_interpret" or "auto" (= "xla": the Pallas
-        kernels are opt-in until timed on hardware).
+      impl: "reference", "xla", "pallas", "pallas_interpret" or "auto" (resolved per
+        lowering platform by `longjax.ops.impl`).
       chunk_size: tokens per saved state in "xla" (default 32) and the Pallas kernels.
 
     Returns:
       y `[B, T, D]` in u's dtype, and the final state when asked.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids, impl)
-    impl = "xla" if impl == "auto" else impl
     Bsz, T, Dch = u.shape
     u_g, dt_g, A_g, B_g, C_g, h0 = prepare(u, delta, A, B, C, delta_bias, delta_softplus,
                                            initial_state)
     keep = (jnp.ones((Bsz, T), jnp.float32) if segment_ids is None
             else segment_keep(segment_ids))
-    y, h_last = selective_scan_core(u_g, dt_g, A_g, B_g, C_g, keep=keep, h0=h0, impl=impl,
-                                    chunk_size=chunk_size)
+    y, h_last = impl_lib.run("selective_scan", impl, lambda name: selective_scan_core(
+        u_g, dt_g, A_g, B_g, C_g, keep=keep, h0=h0, impl=name, chunk_size=chunk_size))
     y = finish(y.reshape(Bsz, T, Dch), u, D, z)
     return (y, h_last.reshape(Bsz, Dch, -1)) if return_final_state else y

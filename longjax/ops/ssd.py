@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from longjax.ops import impl as impl_lib
 from longjax.ops.scan import linear_scan, segment_keep, slice_sum
 
 IMPLS = ("reference", "xla")
@@ -149,7 +150,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, initial_state=None, return_fin
       initial_state: `[B, H, P, N]` (default zeros); return_final_state: also return the
         fp32 state after the last token.
       segment_ids: `[B, T]` document ids; the state resets at every border.
-      impl: "reference", "xla" or "auto" (= "xla").
+      impl: "reference", "xla" or "auto" (resolved per lowering platform by
+        `longjax.ops.impl`).
 
     Returns:
       y `[B, T, H, P]` in x's dtype, and the final state when asked.
@@ -161,10 +163,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, initial_state=None, return_fin
     h0 = (jnp.zeros((Bsz, H, P, B.shape[3]), jnp.float32) if initial_state is None
           else f32(initial_state))
     args = (f32(x), f32(dt), f32(A), f32(B), f32(C), keep, h0)
-    if impl == "reference":
-        y, h_last = _reference(*args)
-    else:
-        y, h_last = _chunked(*args, chunk_size)
+    y, h_last = impl_lib.run("ssd", impl, lambda name: (
+        _reference(*args) if name == "reference" else _chunked(*args, chunk_size)))
     if D is not None:
         y = y + f32(D)[:, None] * f32(x)
     y = y.astype(x.dtype)

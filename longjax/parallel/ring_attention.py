@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from longjax.ops import impl as impl_lib
 from longjax.ops.attention import (
     _check_args,
     attention_backward,
@@ -59,8 +60,8 @@ def ring_attention(
     (0 = padding). Masks (causal, window, sinks) use the tokens' global positions.
     `block_size` (the tile) must divide the layout chunk; by default it is the chunk (a
     quarter of it for "striped", whose steps are triangular), halved while above 512.
-    `impl` is the blockwise attention run per tile (`TILE_IMPLS`; "auto": Pallas on
-    GPU/TPU, else "xla"). With `group_size=U` the ring runs across the `P / U` groups of
+    `impl` is the blockwise attention run per tile (`TILE_IMPLS`; "auto" is resolved
+    by `longjax.ops.impl`). With `group_size=U` the ring runs across the `P / U` groups of
     `U` consecutive devices of `axis_name` (the device at offset u of a group talks to
     offset u of the next), each group being one ring shard (USP, `usp_attention`).
     Returns `[B, T, H, D]` in q's dtype, and with
@@ -154,23 +155,21 @@ def _mask_kwargs(cfg, q_seg, kv_seg, q_pos, kv_pos):
     )
 
 
-def _tile_impl(impl):
-    """The blockwise implementation for tiles: `"auto"` is Pallas on GPU/TPU, else "xla"."""
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-    return impl
+def _on_tiles(cfg, run):
+    """`run(impl)` with the tiles' blockwise implementation (`"auto"`: `longjax.ops.impl`)."""
+    return impl_lib.run("ring_attention_tile", cfg.impl, run)
 
 
 def _tile_forward(cfg, q, k, v, mask_kw):
     """(out `[B, t, H, D]`, lse `[B, H, t]` fp32) of one tile; rows with no key: lse=-inf."""
-    return attention_forward(q, k, v, softcap=cfg.softcap, scale=cfg.scale,
-                             impl=_tile_impl(cfg.impl), **mask_kw)
+    return _on_tiles(cfg, lambda impl: attention_forward(
+        q, k, v, softcap=cfg.softcap, scale=cfg.scale, impl=impl, **mask_kw))
 
 
 def _tile_backward(cfg, q, k, v, out, lse, dout, mask_kw):
     """(dq, dk, dv) of one tile given the final `out` and `lse` of its query rows."""
-    grads = attention_backward(q, k, v, out, lse, dout, softcap=cfg.softcap, scale=cfg.scale,
-                               impl=_tile_impl(cfg.impl), **mask_kw)
+    grads = _on_tiles(cfg, lambda impl: attention_backward(
+        q, k, v, out, lse, dout, softcap=cfg.softcap, scale=cfg.scale, impl=impl, **mask_kw))
     return tuple(g.astype(jnp.float32) for g in grads)
 
 

@@ -17,7 +17,15 @@ from pallas_kernels.platform import by_platform
 
 
 def _setup(q, k, v, backend, block_q, block_k, kw):
+    """The kernel module, its static config and padded arrays. A head dim the kernel
+    cannot tile (`module.head_dim`) is zero-padded, which leaves q.k and the output's
+    first D columns unchanged (the scale stays D^-0.5)."""
     module = tpu if backend == "tpu" else gpu
+    D = q.shape[3]
+    pad_d = module.head_dim(D) - D
+    if pad_d:
+        q, k, v = (jnp.pad(x, ((0, 0),) * 3 + ((0, pad_d),)) for x in (q, k, v))
+        kw = {**kw, "scale": D**-0.5 if kw.get("scale") is None else kw["scale"]}
     T, S = q.shape[1], k.shape[1]
     block_q = block_q or module.default_block(T, "q")
     block_k = block_k or module.default_block(S, "k")
@@ -31,7 +39,7 @@ def forward(q, k, v, *, interpret=False, backend=None, block_q=None, block_k=Non
     def kernel(backend, q, k, v):
         module, st, arrays = _setup(q, k, v, backend, block_q, block_k, kw)
         out, lse = module.forward(st, arrays, interpret)
-        return out[:, : st.T], lse[:, :, : st.T]
+        return out[:, : st.T, :, : q.shape[3]], lse[:, :, : st.T]
 
     return by_platform(kernel, q, k, v, backend=backend, interpret=interpret)
 
@@ -50,13 +58,15 @@ def backward(q, k, v, out, lse, dout, *, dlse=None, interpret=False, backend=Non
 
     def kernel(backend, q, k, v, lse, delta, dout):
         module, st, arrays = _setup(q, k, v, backend, block_q, block_k, kw)
+        D = q.shape[3]
         pad_t = ((0, 0), (0, 0), (0, st.Tp - st.T))
-        do = jnp.pad(dout, ((0, 0), (0, st.Tp - st.T), (0, 0), (0, 0)))
+        do = jnp.pad(dout, ((0, 0), (0, st.Tp - st.T), (0, 0), (0, st.D - D)))
         dq, dk, dv, dslope = module.backward(st, arrays, do, jnp.pad(lse, pad_t),
                                              jnp.pad(delta, pad_t), interpret)
         if dslope is not None:
             dslope = dslope.sum((0, 2))
-        return dq[:, : st.T], dk[:, : st.S], dv[:, : st.S], dslope
+        return dq[:, : st.T, :, :D], dk[:, : st.S, :, :D], dv[:, : st.S, :, :D], dslope
 
     return by_platform(kernel, q, k, v, lse, delta, dout, backend=backend,
                        interpret=interpret)
+

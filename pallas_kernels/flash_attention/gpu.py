@@ -17,6 +17,11 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.flash_attention import common
 
 
+def head_dim(D):
+    """The head dim the kernel runs at: Triton tiles are powers of two."""
+    return pl.next_power_of_2(D)
+
+
 def default_block(n, which):
     """Triton blocks are powers of two >= 16: up to 128 query rows and 64 keys."""
     return min(128 if which == "q" else 64, max(16, pl.next_power_of_2(n)))

@@ -21,6 +21,11 @@ from pallas_kernels.flash_attention import common
 LANES, SUBLANES = 128, 8
 
 
+def head_dim(D):
+    """The head dim the kernel runs at: any (a block's last axis is the whole head)."""
+    return D
+
+
 def default_block(n, which):
     """Block size for a sequence of length n: up to 512, a multiple of 128 (lanes)."""
     del which
