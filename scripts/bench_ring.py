@@ -1,6 +1,7 @@
-"""Sequence-parallel attention benchmark: ring (3 layouts), all-gather and Ulysses.
+"""Sequence-parallel attention benchmark: ring (3 layouts), all-gather, Ulysses and USP.
 
     python scripts/bench_ring.py                      # 8 simulated CPU devices, a few minutes
+    python scripts/bench_ring.py --strategies=ring:zigzag,usp2:zigzag,usp4:zigzag
     python scripts/bench_ring.py --lengths=8192,16384 --platform=gpu --devices=8
 
 For each strategy and layout: forward+backward time and per-device peak memory of the
@@ -24,12 +25,19 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from longjax.benchmarking import append_results, fwd_bwd, heading, machine, measure
 from longjax.ops.attention import dot_product_attention
-from longjax.parallel import all_gather_attention, ring_attention, to_layout, ulysses_attention
+from longjax.parallel import (
+    all_gather_attention,
+    ring_attention,
+    to_layout,
+    ulysses_attention,
+    usp_attention,
+)
 
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "Global sequence lengths.")
 _STRATEGIES = flags.DEFINE_list(
     "strategies", ["ring:contiguous", "ring:zigzag", "ring:striped", "all_gather:zigzag",
-                   "ulysses:zigzag"], "strategy:layout pairs.")
+                   "ulysses:zigzag", "usp2:zigzag", "usp4:zigzag"],
+    "strategy:layout pairs; uspU is USP with Ulysses groups of U devices.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Devices on the sequence axis.")
 _PLATFORM = flags.DEFINE_string("platform", "cpu", "Backend whose devices to use.")
 _CAUSAL = flags.DEFINE_boolean("causal", True, "Causal attention.")
@@ -43,7 +51,8 @@ _RING_BLOCK = flags.DEFINE_integer("ring_block_size", None,
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
 _RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "File to append to.")
 _SECTION = "## Sequence parallelism (`scripts/bench_ring.py`)"
-_FNS = {"ring": ring_attention, "all_gather": all_gather_attention, "ulysses": ulysses_attention}
+_FNS = {"ring": ring_attention, "all_gather": all_gather_attention, "ulysses": ulysses_attention,
+        "usp": usp_attention}
 
 
 def _inputs(T, devices):
@@ -56,9 +65,19 @@ def _inputs(T, devices):
     return [jax.device_put(x, devices[0]) for x in arrays]
 
 
-def _sharded(strategy, layout, mesh):
+def _parse(item):
+    """"uspU:layout" -> ("usp", layout, U); "name:layout" -> (name, layout, None)."""
+    strategy, layout = item.split(":")
+    if strategy.startswith("usp"):
+        return "usp", layout, int(strategy[3:])
+    return strategy, layout, None
+
+
+def _sharded(strategy, layout, mesh, ulysses_degree):
     spec = PartitionSpec(None, "sequence")
-    options = {"block_size": _RING_BLOCK.value} if strategy == "ring" else {}
+    options = {"block_size": _RING_BLOCK.value} if strategy in ("ring", "usp") else {}
+    if ulysses_degree is not None:
+        options["ulysses_degree"] = ulysses_degree
     local = functools.partial(_FNS[strategy], axis_name="sequence", causal=_CAUSAL.value,
                               layout=layout, impl="xla", **options)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
@@ -82,12 +101,14 @@ def main(argv):
             rows.append((name, T, sec, mem))
             print(rows[-1], flush=True)
         for item in _STRATEGIES.value:
-            strategy, layout = item.split(":")
+            strategy, layout, degree = _parse(item)
             sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
-            laid = [jax.device_put(to_layout(x, layout, P), sharding) for x in args]
-            mem, sec = measure(fwd_bwd(_sharded(strategy, layout, mesh)), laid,
+            ring_size = P // (degree or 1)  # USP lays tokens out over its ring of groups
+            laid = [jax.device_put(to_layout(x, layout, ring_size), sharding) for x in args]
+            mem, sec = measure(fwd_bwd(_sharded(strategy, layout, mesh, degree)), laid,
                                repeats=_REPEATS.value)
-            rows.append((f"{strategy} ({layout}), P={P}", T, sec, mem))
+            name = strategy if degree is None else f"usp (Ulysses {degree} x ring {ring_size})"
+            rows.append((f"{name} ({layout}), P={P}", T, sec, mem))
             print(rows[-1], flush=True)
     table = _table(rows, devices[0])
     print(table)

@@ -8,6 +8,7 @@ from longjax.parallel.sequence_parallel import (
     sequence_parallel_attention,
 )
 from longjax.parallel.ulysses import ulysses_attention
+from longjax.parallel.usp import usp_attention
 
 __all__ = [
     "LAYOUTS",
@@ -20,4 +21,5 @@ __all__ = [
     "shard_positions",
     "to_layout",
     "ulysses_attention",
+    "usp_attention",
 ]
