@@ -91,7 +91,7 @@ def sequence_parallel_linear(op, *arrays, mesh, axis_name="sequence", segment_id
 
     seq = dict(zip(names, arrays, strict=True), segment_ids=segment_ids)
     return _run_sharded(run, mesh, axis_name, seq, {"initial_state": initial_state},
-                        return_final_state, batch_args=("initial_state",))
+                        return_final_state)
 
 
 def sharded_rg_lru(x, r, i, a_param, *, axis_name, segment_ids=None, initial_state=None,
@@ -117,5 +117,4 @@ def sequence_parallel_rg_lru(x, r, i, a_param, *, mesh, axis_name="sequence",
                            return_final_state=return_final_state, impl=impl)
     seq = {"x": x, "r": r, "i": i, "segment_ids": segment_ids}
     rep = {"a_param": a_param, "initial_state": initial_state}
-    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state,
-                        batch_args=("initial_state",))
+    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state)

@@ -58,12 +58,11 @@ def sharded_linear_scan(a, b, *, axis_name, initial_state=None, segment_ids=None
     return (h, h_final) if return_final_state else h
 
 
-def _run_sharded(fn, mesh, axis_name, seq_args, replicated_args, return_final_state,
-                 batch_args=()):
+def _run_sharded(fn, mesh, axis_name, seq_args, replicated_args, return_final_state):
     """shard_map of `fn(**seq_args, **replicated_args)`: `seq_args` `[B, T, ...]` with the
     batch over the mesh's batch axes and time over `axis_name`; `replicated_args` whole,
-    except `batch_args` among them (`[B, ...]`, e.g. initial states), split over the batch.
-    The final state (`[B, ...]`) comes back split over the batch."""
+    except their `initial_state` (`[B, ...]`), split over the batch like the final state
+    that comes back."""
     n = mesh.shape[axis_name]
     batch_size = next(x for x in seq_args.values() if x is not None).shape[0]
     batch = batch_axes(mesh, batch_size, exclude=(axis_name,))
@@ -74,7 +73,7 @@ def _run_sharded(fn, mesh, axis_name, seq_args, replicated_args, return_final_st
     given = {k: v for k, v in {**seq_args, **replicated_args}.items() if v is not None}
     names, values = list(given), list(given.values())
     seq_spec = P(batch, axis_name)
-    spec = {**{k: seq_spec for k in seq_args}, **{k: P(batch) for k in batch_args}}
+    spec = {**{k: seq_spec for k in seq_args}, "initial_state": P(batch)}
     in_specs = tuple(spec.get(k, P()) for k in names)
     out_specs = (seq_spec, P(batch)) if return_final_state else seq_spec
 
@@ -98,8 +97,7 @@ def sequence_parallel_linear_scan(a, b, *, mesh, axis_name="sequence", initial_s
     fn = functools.partial(sharded_linear_scan, axis_name=axis_name,
                            return_final_state=return_final_state, impl=impl)
     return _run_sharded(fn, mesh, axis_name, {"a": a, "b": b, "segment_ids": segment_ids},
-                        {"initial_state": initial_state}, return_final_state,
-                        batch_args=("initial_state",))
+                        {"initial_state": initial_state}, return_final_state)
 
 
 def sequence_parallel_s4d_recurrence(u, Ab, Bb, C, *, mesh, axis_name="sequence",
@@ -115,8 +113,7 @@ def sequence_parallel_s4d_recurrence(u, Ab, Bb, C, *, mesh, axis_name="sequence"
         return s4_lib.s4d_readout(C, x), last
 
     return _run_sharded(fn, mesh, axis_name, {"u": u, "segment_ids": segment_ids},
-                        {"Ab": Ab, "Bb": Bb, "C": C, "initial_state": initial_state}, True,
-                        batch_args=("initial_state",))
+                        {"Ab": Ab, "Bb": Bb, "C": C, "initial_state": initial_state}, True)
 
 
 def sequence_parallel_s4_recurrence(u, Ab, Bb, C, *, mesh, axis_name="sequence",
@@ -141,8 +138,7 @@ def sequence_parallel_s4_recurrence(u, Ab, Bb, C, *, mesh, axis_name="sequence",
         return y + y_in, h_final
 
     return _run_sharded(fn, mesh, axis_name, {"u": u, "segment_ids": segment_ids},
-                        {"Ab": Ab, "Bb": Bb, "C": C, "initial_state": initial_state}, True,
-                        batch_args=("initial_state",))
+                        {"Ab": Ab, "Bb": Bb, "C": C, "initial_state": initial_state}, True)
 
 
 def _keep(segment_ids, shape):
@@ -193,8 +189,7 @@ def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bi
                            impl=impl, chunk_size=chunk_size)
     seq = {"u": u, "delta": delta, "B": B, "C": C, "z": z, "segment_ids": segment_ids}
     rep = {"A": A, "D": D, "delta_bias": delta_bias, "initial_state": initial_state}
-    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state,
-                        batch_args=("initial_state",))
+    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state)
 
 
 def sharded_ssd(x, dt, A, B, C, *, axis_name, chunk_size=64, D=None, initial_state=None,
@@ -227,5 +222,4 @@ def sequence_parallel_ssd(x, dt, A, B, C, *, mesh, axis_name="sequence", chunk_s
                            return_final_state=return_final_state, impl=impl)
     seq = {"x": x, "dt": dt, "B": B, "C": C, "segment_ids": segment_ids}
     rep = {"A": A, "D": D, "initial_state": initial_state}
-    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state,
-                        batch_args=("initial_state",))
+    return _run_sharded(fn, mesh, axis_name, seq, rep, return_final_state)
