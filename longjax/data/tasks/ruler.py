@@ -197,11 +197,20 @@ def _vt(rng, tok, depth, *, num_chains, num_hops, haystack) -> _Draft:
 
 # --- Aggregation: common and frequent words --------------------------------------------
 
-def _word_units(rng, tok, first, room_words: int) -> Units:
-    """`first` then up to `room_words` other distinct pseudo-words, each as " word"."""
-    count = min(room_words + len(first), NUM_PSEUDO_WORDS)
-    others = [w for w in pseudo_words(rng, count) if w not in set(first)][:room_words]
-    return encode_units(tok, [" " + w for w in [*first, *others]])
+def _word_units(rng, tok, first, budget: int, repeats: int) -> Units:
+    """`first`, then distinct other pseudo-words, " word" each, until `repeats` copies of
+    the others take more than `budget` tokens (or the pseudo-words run out); the words
+    are drawn at once (every one is at least a token) and encoded as far as needed."""
+    count = min(budget // repeats + 1 + len(first), NUM_PSEUDO_WORDS)
+    others = [w for w in pseudo_words(rng, count) if w not in set(first)]
+    parts, cost, done, chunk = [encode_units(tok, [" " + w for w in first])], 0, 0, 64
+    while cost <= budget and done < len(others):
+        part = encode_units(tok, [" " + w for w in others[done:done + chunk]])
+        parts.append(part)
+        cost, done = cost + repeats * int(part.lengths.sum()), done + chunk
+        chunk = int(1.1 * max(0, budget - cost) / (repeats * part.lengths.mean())) + 16
+    return Units(np.concatenate([p.tokens for p in parts]),
+                 np.concatenate([p.lengths for p in parts]))
 
 
 def _shuffled(rng, units: Units, counts) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +229,7 @@ def _cwe_context(rng, tok, common, common_count, uncommon_count, room):
                        f"and the prompt has room for {room}")
     uncommon = min(uncommon_count, repeats - 1)
     left = room - repeats * common_tokens
-    units = _word_units(rng, tok, common, left // uncommon)
+    units = _word_units(rng, tok, common, left, uncommon)
     cost = np.cumsum(uncommon * units.lengths[len(common):])
     num_uncommon = int(np.searchsorted(cost, left, side="right"))
     return _shuffled(rng, units, [repeats] * len(common) + [uncommon] * num_uncommon)
@@ -242,7 +251,7 @@ def zipf_counts(scale: int, num_ranks: int, alpha: float) -> np.ndarray:
 
 
 def _fwe_context(rng, tok, top, alpha, room):
-    units = _word_units(rng, tok, top, int(room ** (1 / alpha)) + 2)
+    units = _word_units(rng, tok, top, int(room ** (1 / alpha)) + 1, 1)
     ranks, k = len(units.lengths), len(top)
 
     def cost(scale):
