@@ -189,8 +189,9 @@ def _heatmaps(results: Results, path, modes, labels, *, ylabel: str, title: str)
     lengths = sorted({r["length"] for r in results.rows if r["mode"] in modes})
     cols = min(len(methods), PANELS_PER_ROW)
     rows = -(-len(methods) // cols)
+    label_chars = max(map(len, labels))
     fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
-                             figsize=(1.5 + 0.6 * len(lengths) * cols,
+                             figsize=(1.5 + (0.6 * len(lengths) + 0.08 * label_chars) * cols,
                                       (1.2 + 0.45 * len(modes)) * rows))
     for ax, method in itertools.zip_longest(axes.flat, methods):
         if method is None:
