@@ -36,11 +36,16 @@ def expected_answers(text: str) -> list[str]:
             return name
 
         return [name for name in assigned if value(name) == match[1]]
-    match = re.fullmatch(r"Find the (\d+) most (?:common|frequent) words in this \w+:\n(.*)"
-                         r"\nWhat are .*\nAnswer:", text, re.DOTALL)
-    k, counts = int(match[1]), collections.Counter(match[2].split()).most_common()
+    k, counts = _word_counts(text)
     assert counts[k - 1][1] > (counts[k][1] if len(counts) > k else 0), "a tie at the k-th"
     return [word for word, _ in counts[:k]]
+
+
+def _word_counts(text: str) -> tuple[int, list[tuple[str, int]]]:
+    """k and the (word, count) of the list of a cwe / fwe prompt, most common first."""
+    match = re.fullmatch(r"Find the (\d+) most (?:common|frequent) words in this \w+:\n(.*)"
+                         r"\nWhat are .*\nAnswer:", text, re.DOTALL)
+    return int(match[1]), collections.Counter(match[2].split()).most_common()
 
 
 def _text(sample, tok=None) -> str:
@@ -67,6 +72,11 @@ def test_answers_follow_the_definition(task, options, length):
         assert len(sample.needles) == o["num_keys"] * o["num_values"]
         assert len(NEEDLE.findall(text)) >= len(sample.needles)  # "needles": more
         assert len(set(NEEDLE.findall(text))) == len(NEEDLE.findall(text))
+    if task == "fwe":  # the word of rank r appears floor(C r^-alpha) times, C the top count
+        counts = np.array([n for _, n in _word_counts(text)[1]])
+        alpha = options.get("alpha", RULER_TASKS["fwe"]["alpha"])
+        zipf = np.floor(counts[0] * np.arange(1, len(counts) + 2) ** -alpha)
+        np.testing.assert_array_equal(counts, zipf[zipf > 0])
 
 
 def _haystack_offsets(sample, kind):
