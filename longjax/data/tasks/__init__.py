@@ -1,5 +1,8 @@
 """Synthetic tasks generated on the fly, deterministic in `(seed, step)`.
 
+(The RULER-style long-context tasks, prompts to generate from rather than training
+batches, are `longjax.data.tasks.ruler`.)
+
 `task_batch(name, *, seed, step, batch_size, seq_len, **options)` returns numpy arrays
 `[batch_size, seq_len]`: `tokens`, `targets` (the next token; PAD where the next token is
 padding or past the row), `weights` (1.0 where the loss and the accuracy count),
