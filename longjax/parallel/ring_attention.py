@@ -22,9 +22,9 @@ import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
 from longjax.ops.attention import (
-    _check_args,
     attention_backward,
     attention_forward,
+    make_spec,
     merge_attention,
 )
 from longjax.parallel.layouts import bound_axis_size, check_layout, shard_positions
@@ -67,7 +67,7 @@ def ring_attention(
     Returns `[B, T, H, D]` in q's dtype, and with
     `return_tile_count` also the number of tiles this device computed (forward only).
     """
-    _check_args(q, k, v, window, num_sinks, segment_ids)
+    make_spec(q, k, v, window=window, num_sinks=num_sinks, segment_ids=segment_ids)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must hold the same local tokens; got lengths {q.shape[1]} "
                          f"and {k.shape[1]}")
