@@ -44,7 +44,7 @@ def prepare(spec, q, k, v, side, *, block_q, block_k):
                       k_pos=ints(side.kv_positions, tiling.Sp))
     if spec.has_segments:
         arrays.update(q_seg=ints(side.segment_ids, tiling.Tp),
-                      k_seg=ints(side.kv_segment_ids, tiling.Sp))
+                      k_seg=ints(side.kv_segments, tiling.Sp))
     if spec.has_alibi:
         arrays["slopes"] = side.alibi_slopes.astype(jnp.float32)
     return tiling, arrays

@@ -53,7 +53,7 @@ class Blocks:
         self.q = pad_axis(q, 1, self.Tp).reshape(B, self.Tp, K, self.G, D)
         self.k, self.v = pad_axis(k, 1, self.Sp), pad_axis(v, 1, self.Sp)
         self.q_seg = pad_axis(side.segment_ids, 1, self.Tp)
-        self.kv_seg = pad_axis(side.kv_segment_ids, 1, self.Sp)
+        self.kv_seg = pad_axis(side.kv_segments, 1, self.Sp)
         self.q_pos = pad_axis(side.q_positions, 1, self.Tp)
         self.kv_pos = pad_axis(side.kv_positions, 1, self.Sp)
         bias = side.bias

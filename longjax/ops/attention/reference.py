@@ -12,8 +12,9 @@ import jax.numpy as jnp
 
 from longjax.ops.attention.spec import (
     AttentionSpec,
-    complete_segments,
+    SideInputs,
     make_spec,
+    query_segments,
     segment_visible,
 )
 
@@ -28,17 +29,18 @@ def attention_mask(
     `[B, S]`, default: the indices). `window=w` keeps keys with `0 <= t - s < w` plus the
     first `num_sinks` keys (LM-Infinite / StreamingLLM). Segment id 0 is padding.
     """
-    segment_ids, kv_segment_ids = complete_segments(q_len, segment_ids, kv_segment_ids)
     spec = AttentionSpec(causal=causal, window=window, num_sinks=num_sinks)
-    return _mask(spec, q_len, kv_len, segment_ids, kv_segment_ids, q_positions, kv_positions)
+    side = SideInputs(query_segments(q_len, segment_ids, kv_segment_ids), kv_segment_ids,
+                      q_positions, kv_positions)
+    return _mask(spec, q_len, kv_len, side)
 
 
-def _mask(spec, T, S, segment_ids, kv_segment_ids, q_positions, kv_positions):
-    q_pos = jnp.arange(T)[None] if q_positions is None else q_positions
-    kv_pos = jnp.arange(S)[None] if kv_positions is None else kv_positions
+def _mask(spec, T, S, side):
+    q_pos = jnp.arange(T)[None] if side.q_positions is None else side.q_positions
+    kv_pos = jnp.arange(S)[None] if side.kv_positions is None else side.kv_positions
     mask = spec.visible(q_pos[:, :, None], kv_pos[:, None, :])
-    if segment_ids is not None:
-        mask &= segment_visible(segment_ids, kv_segment_ids)
+    if side.segment_ids is not None:
+        mask &= segment_visible(side.segment_ids, side.kv_segments)
     return mask[:, None]
 
 
@@ -65,8 +67,7 @@ def masked_scores(spec, q, k, side):
         bias = alibi_bias(side.alibi_slopes, qp, kp) + (0.0 if bias is None else bias)
     if bias is not None:
         s = s + jnp.broadcast_to(bias, (B, H, T, S)).reshape(B, K, H // K, T, S)
-    mask = _mask(spec, T, S, side.segment_ids, side.kv_segment_ids, side.q_positions,
-                 side.kv_positions)[:, :, None]
+    mask = _mask(spec, T, S, side)[:, :, None]
     return jnp.where(mask, s, -jnp.inf), mask
 
 

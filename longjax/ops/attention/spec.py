@@ -77,23 +77,25 @@ class AttentionSpec:
     def visible(self, q_pos, k_pos):
         """Boolean mask from broadcastable integer query and key positions."""
         d = q_pos - k_pos
-        lo, hi = self.band
         mask = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(k_pos)), bool)
-        if lo is not None:
-            mask &= d >= lo
-        if hi is not None:
-            mask &= d <= hi
-        if self.sinks:
-            sink = k_pos < self.sinks
-            mask |= (sink & (d >= 0)) if self.causal else sink
+        if self.causal:
+            mask &= d >= 0
+        if self.window is not None:
+            lo, hi = self.band
+            local = d <= hi
+            if not self.causal:
+                local &= d >= lo
+            if self.num_sinks:
+                local |= k_pos < self.num_sinks
+            mask &= local
         return mask
 
 
 class SideInputs(NamedTuple):
     """The arrays beside q, k, v; None where absent. Segment ids and positions are int
     `[B or 1, T]` (queries) / `[B or 1, S]` (keys), `alibi_slopes` `[H]`, `bias`
-    broadcastable to `[B, H, T, S]`. Built by `make_spec`: when either segment array is
-    given both are (missing query ids are 1, missing key ids are the query ids)."""
+    broadcastable to `[B, H, T, S]`. Built by `make_spec`: when only key segment ids are
+    given the query ids are all 1; read the key ids as `kv_segments`."""
 
     segment_ids: Any = None
     kv_segment_ids: Any = None
@@ -101,6 +103,11 @@ class SideInputs(NamedTuple):
     kv_positions: Any = None
     alibi_slopes: Any = None
     bias: Any = None
+
+    @property
+    def kv_segments(self):
+        """The key segment ids: `kv_segment_ids`, or the query ids when only those are given."""
+        return self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
 
 
 def make_spec(q, k, v, *, causal=False, window=None, num_sinks=0, softcap=None, scale=None,
@@ -136,7 +143,7 @@ def make_spec(q, k, v, *, causal=False, window=None, num_sinks=0, softcap=None, 
     if alibi_slopes is not None and alibi_slopes.shape != (H,):
         raise ValueError(f"alibi_slopes must be [num_heads] = [{H}]; got {alibi_slopes.shape}")
     has_segments = segment_ids is not None or kv_segment_ids is not None
-    segment_ids, kv_segment_ids = complete_segments(T, segment_ids, kv_segment_ids)
+    segment_ids = query_segments(T, segment_ids, kv_segment_ids)
     spec = AttentionSpec(causal=causal, window=window, num_sinks=num_sinks, softcap=softcap,
                          scale=scale, has_segments=has_segments,
                          has_positions=q_positions is not None,
@@ -145,14 +152,11 @@ def make_spec(q, k, v, *, causal=False, window=None, num_sinks=0, softcap=None, 
                             alibi_slopes, bias)
 
 
-def complete_segments(T, segment_ids, kv_segment_ids):
-    """Both segment arrays when either is given: query ids default to 1, key ids to the
-    query ids; `(None, None)` when neither is."""
-    if segment_ids is None and kv_segment_ids is None:
-        return None, None
-    if segment_ids is None:
-        segment_ids = jnp.ones((1, T), jnp.int32)
-    return segment_ids, segment_ids if kv_segment_ids is None else kv_segment_ids
+def query_segments(T, segment_ids, kv_segment_ids):
+    """The query segment ids: as given, or all 1 when only key ids are given."""
+    if segment_ids is None and kv_segment_ids is not None:
+        return jnp.ones((1, T), jnp.int32)
+    return segment_ids
 
 
 def segment_visible(q_segment_ids, kv_segment_ids):
