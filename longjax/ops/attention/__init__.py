@@ -62,6 +62,9 @@ def _pallas_module():
     return flash_attention
 
 
+# Jitted so that a caller that runs one tile in several places (ring attention) lowers
+# one copy of it.
+@functools.partial(jax.jit, static_argnames=("spec", "impl", "block_q", "block_k"))
 def forward(spec, q, k, v, side, *, impl="xla", block_q=None, block_k=None):
     """`(out [B, T, H, D], lse [B, H, T] fp32)` of a validated call (`make_spec`), without
     autodiff; `impl` is `"xla"`, `"reference"`, `"pallas"` or `"pallas_interpret"`."""
@@ -75,6 +78,7 @@ def forward(spec, q, k, v, side, *, impl="xla", block_q=None, block_k=None):
                                               block_k=block_k))
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "impl", "block_q", "block_k"))
 def backward(spec, q, k, v, side, out, lse, dout, *, dlse=None, impl="xla", block_q=None,
              block_k=None):
     """FlashAttention-2 backward of a validated call: `(dq, dk, dv, dslopes, dbias)`, the
