@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from longjax.ops import cpu_rewrites as cr
-from longjax.ops.linear_attention import gated_delta_rule, gla
+from longjax.ops.linear_attention import gated_delta_rule
 from longjax.ops.ssd import ssd
 
 RNG = np.random.default_rng(0)
@@ -73,26 +73,26 @@ def _ssd_args(T=12):
     return (x, dt, -jnp.exp(_normal(4)), _normal(1, T, 2, 3), _normal(1, T, 2, 3))
 
 
-def _linear_args(per_dim, T=12):
+def _delta_args(T=12):
     q, k, v = _normal(1, T, 2, 8), _normal(1, T, 2, 8), _normal(1, T, 2, 4)
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    g = jax.nn.log_sigmoid(_normal(1, T, 2, 8) if per_dim else _normal(1, T, 2) + 2.0)
-    return (q, k, v, g) if per_dim else (q, k, v, g, jax.nn.sigmoid(_normal(1, T, 2)))
+    g = jax.nn.log_sigmoid(_normal(1, T, 2) + 2.0)
+    return (q, k, v, g, jax.nn.sigmoid(_normal(1, T, 2)))
 
 
 OPS = {
     "ssd": (lambda *a, impl: ssd(*a, chunk_size=4, impl=impl), _ssd_args),
-    "gla": (lambda *a, impl: gla(*a, chunk_size=4, impl=impl), lambda: _linear_args(True)),
     "gated_delta_rule": (lambda *a, impl: gated_delta_rule(*a, chunk_size=4, impl=impl),
-                         lambda: _linear_args(False)),
+                         _delta_args),
 }
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_ops_with_the_rewrites_off_equal_their_references(name):
     """The portable `xla` paths (what GPU and TPU run without kernels), forward and
-    gradients, against the `reference` recurrences (the selective scan's one rewrite,
-    `axis_sum`, is checked above)."""
+    gradients, against the `reference` recurrences. (The rewrites of the selective scan
+    and GLA alone, `axis_sum` and `decayed_scores`, are checked above: the rewrites'
+    gradients equal the portable ones, and the ops' tests check the rewrites.)"""
     op, make_args = OPS[name]
     args = make_args()
 
