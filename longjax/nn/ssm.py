@@ -292,33 +292,25 @@ class S4Mixer(nn.Module):
         return out, cache
 
 
-_MAMBA = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": "auto", "dt_min": 1e-3,
-          "dt_max": 1e-1, "impl": "auto", "chunk_size": None}
-_MAMBA2 = {"d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1,
-           "chunk_size": 64, "dt_min": 1e-3, "dt_max": 1e-1, "A_init_max": 16.0, "impl": "auto",
-           "norm_per_group": False}
-_S4 = {"d_state": 64, "dt_min": 1e-3, "dt_max": 1e-1}
-
-
-@register_mixer("mamba", defaults=_MAMBA)
+@register_mixer("mamba", module=MambaMixer)
 def build_mamba(model, options, **module_kwargs):
     return MambaMixer(d_model=model.d_model, dtype=jnp.dtype(model.dtype), **options,
                       **module_kwargs)
 
 
-@register_mixer("mamba2", defaults=_MAMBA2)
+@register_mixer("mamba2", module=Mamba2Mixer, from_model=("norm_eps",))
 def build_mamba2(model, options, **module_kwargs):
     return Mamba2Mixer(d_model=model.d_model, norm_eps=model.norm_eps,
                        dtype=jnp.dtype(model.dtype), **options, **module_kwargs)
 
 
-@register_mixer("s4d", defaults={**_S4, "initialization": "lin", "discretization": "zoh"})
+@register_mixer("s4d", module=S4Mixer, from_model=("variant",))
 def build_s4d(model, options, **module_kwargs):
     return S4Mixer(d_model=model.d_model, variant="s4d", dtype=jnp.dtype(model.dtype),
                    **options, **module_kwargs)
 
 
-@register_mixer("s4", defaults=_S4)
+@register_mixer("s4", module=S4Mixer, only=("d_state", "dt_min", "dt_max"))
 def build_s4(model, options, **module_kwargs):
     return S4Mixer(d_model=model.d_model, variant="s4", dtype=jnp.dtype(model.dtype),
                    **options, **module_kwargs)
