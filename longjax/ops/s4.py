@@ -3,7 +3,8 @@
 Continuous system per channel: `x'(t) = A x(t) + B u(t)`, `y = C x + D u`, discretised with
 step `dt` by zero-order hold or the bilinear transform, then run either as a causal
 convolution with the kernel `K_l = C Ab^l Bb` (FFT, for training) or as the recurrence
-`x_t = Ab x_{t-1} + Bb u_t` (for decoding).
+`x_t = Ab x_{t-1} + Bb u_t` (for decoding). On packed rows the convolution restarts at
+each document border (`segment_causal_conv`).
 
 - S4D (Gu et al. 2022, "On the Parameterization and Initialization of Diagonal State Space
   Models"): diagonal `A = diag(Lambda)` kept as N/2 complex-conjugate pairs (only one of
@@ -136,6 +137,53 @@ def causal_conv(u, K):
     U = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)
     Kf = jnp.fft.rfft(K.T.astype(jnp.float32), n=n, axis=0)
     return jnp.fft.irfft(U * Kf, n=n, axis=1)[:, :T]
+
+
+def segment_causal_conv(u, K, segment_ids, *, block_size=None):
+    """`y_t = sum_{s<=t, seg(s)=seg(t)} K_{t-s} u_s`: the causal convolution restarted at
+    every document border of `segment_ids` `[B, T]` (a change of id), i.e. S4's convolution
+    mode on packed rows, equal to the recurrence with resets. u `[B, T, H]`, K `[H, T]`;
+    fp32 out.
+
+    Exact, by an FFT decomposition over blocks of `C = block_size` tokens (default: the
+    power of two nearest `sqrt(T)`). Token t's document starts at `b = J C + r` (block J,
+    offset r), so its inputs are `s` in `[b, t]` = `[J C, t]` minus `[J C, b)`:
+    `y_t = conv(u * [s >= J C], K)_t - sum_{c < r} K_{t - J C - c} u_{J C + c}`.
+    The first term is one of `T / C` suffix-masked convolutions (batched FFTs, gathered by
+    each token's J); the second at most `C` products per token (gathered kernel taps).
+    Work per channel: `O(T^2 / C log T + T C)`, `O(T^1.5 log T)` at the default, all
+    parallel (the scan of S4's dense state runs T sequential `N x N` steps); memory
+    `T / C + C` times the activations. (Subtracting the leakage `sum_{s<b} K_{t-s} u_s`
+    from one whole-row convolution instead would need it at every later t: a Hankel
+    product of the kernel, of full rank for a general K.)
+    """
+    Bsz, T, H = u.shape
+    if segment_ids.shape != (Bsz, T):
+        raise ValueError(f"segment_causal_conv: segment_ids must be [B, T] = {(Bsz, T)}; got "
+                         f"{segment_ids.shape}")
+    C = block_size or 2 ** round(np.log2(max(T, 1)) / 2)
+    if not isinstance(C, int) or C < 1:
+        raise ValueError(f"segment_causal_conv: block_size must be a positive int; got {C!r}")
+    blocks = -(-T // C)
+    t = jnp.arange(T)
+    border = jnp.concatenate([jnp.ones((Bsz, 1), bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(border, t, 0), axis=1)  # [B, T]
+    J, r = start // C, start % C
+    u = u.astype(jnp.float32)
+    suffixes = jnp.where(t[None, None, :, None] >= C * jnp.arange(blocks)[:, None, None, None],
+                         u[None], 0.0)  # [blocks, B, T, H]
+    n = 2 * T
+    Kf = jnp.fft.rfft(K.T.astype(jnp.float32), n=n, axis=0)
+    convs = jnp.fft.irfft(jnp.fft.rfft(suffixes, n=n, axis=2) * Kf, n=n, axis=2)[:, :, :T]
+    y = jnp.take_along_axis(convs, J[None, :, :, None], axis=0)[0]
+    c = jnp.arange(C)
+    u_blocks = jnp.pad(u, ((0, 0), (0, blocks * C - T), (0, 0))).reshape(Bsz, blocks, C, H)
+    u_head = jnp.take_along_axis(u_blocks, J[:, :, None, None], axis=1)  # [B, T, C, H]
+    lag = t[None, :, None] - C * J[..., None] - c  # >= 1 where c < r
+    taps = jnp.moveaxis(K.astype(jnp.float32)[:, jnp.maximum(lag, 0)], 0, -1)  # [B, T, C, H]
+    head = jnp.sum(jnp.where((c < r[..., None])[..., None], taps * u_head, 0.0), axis=2)
+    return y - head
 
 
 def s4d_recurrence(u, Ab, Bb, C, *, initial_state=None, segment_ids=None, impl="auto"):
