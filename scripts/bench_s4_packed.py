@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -105,9 +104,13 @@ def _format_row(r):
 
 def _speedups(rows):
     scan = {(r["variant"], r["T"]): r for r in rows if r["path"] == "scan"}
-    return [f"- {r['variant']} at T={r['T']}: conv {scan[r['variant'], r['T']]['fwd_t'] / r['fwd_t']:.1f}x "
-            f"the scan's speed forward, {scan[r['variant'], r['T']]['bwd_t'] / r['bwd_t']:.1f}x "
-            "fwd+bwd" for r in rows if r["path"] == "conv"]
+    lines = []
+    for r in rows:
+        if r["path"] == "conv":
+            s = scan[r["variant"], r["T"]]
+            lines.append(f"- {r['variant']} at T={r['T']}: conv {s['fwd_t'] / r['fwd_t']:.1f}x "
+                         f"the scan's speed forward, {s['bwd_t'] / r['bwd_t']:.1f}x fwd+bwd")
+    return lines
 
 
 def _table(rows):
