@@ -76,14 +76,13 @@ def start_caches(train_config, model, carry, batch, key):
     fresh = model.init_state_cache(first_segment.shape[0])
     if kind == "carry":
         return jax.lax.stop_gradient(_usable(carry, fresh))
-    keys = iter(jax.random.split(key, len(fresh)))
+    keys = jax.random.split(key, len(fresh)) if kind == "noise" else [None] * len(fresh)
     caches = []
-    for i, layer in enumerate(fresh):
+    for i, (layer, layer_key) in enumerate(zip(fresh, keys, strict=True)):
         if layer is None:
             caches.append(None)
             continue
         layer = dict(layer, segment=first_segment)
-        layer_key = next(keys)
         for name in STATE_KEYS & set(layer):
             if kind == "other_sequence":
                 state = jnp.roll(jax.lax.stop_gradient(carry[i][name]), 1, axis=0)
