@@ -37,7 +37,7 @@ INITIAL_STATES = ("zeros", "carry", "other_sequence", "noise")
 
 def carries(train_config) -> bool:
     """Whether the run keeps the last step's final states in `TrainState.carry`."""
-    return train_config.initial_state in ("carry", "other_sequence")
+    return train_config.get("initial_state", "zeros") in ("carry", "other_sequence")
 
 
 def initial_carry(config, model):
