@@ -15,7 +15,7 @@ from longjax.parallel.mesh import make_mesh
 from longjax.train import build_model, create_train_state, initial_state, make_train_step, put_batch
 from longjax.train import config as config_lib
 from longjax.train.checkpoint import Checkpointer
-from longjax.train.state import abstract_train_state
+from longjax.train.state import TrainState, abstract_train_state
 
 # One of each recurrent family (the other linear-attention kinds share gla's and
 # gated_deltanet's module and cache: tests/test_linear_mixers.py checks each through its cache)
@@ -165,3 +165,16 @@ def test_carried_states_resume_exactly_from_a_checkpoint(tiny_config, tmp_path):
     assert resumed_losses == unbroken_losses
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(unbroken), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_switching_carried_states_on_starts_them_afresh(tmp_path):
+    """Post-training with an intervention resumes a workdir trained without one."""
+    params = {"w": jnp.ones((2, 3))}
+    checkpointer = Checkpointer(tmp_path, config_lib.base_config())
+    checkpointer.save(5, TrainState(step=jnp.int32(5), params=params, opt_state=()), {})
+    checkpointer.wait()
+    carry = ({"state": jnp.zeros((4, 2))},)
+    restored, _ = checkpointer.restore(TrainState(step=jnp.int32(0), params={"w": jnp.zeros(
+        (2, 3))}, opt_state=(), carry=carry))
+    assert int(restored.step) == 5 and (restored.params["w"] == 1).all()
+    assert restored.carry is carry
