@@ -15,9 +15,9 @@
 #
 # Usage (from the repository root; parts default to all, in this order):
 #   scripts/recurrent_length_sweep.sh [pretrain] [post] [combine]
-# Environment: W (workdir root), OUT, MIXERS, L, PRE, FT, SMOKE=1 (a few steps and tokens
-# per run: checks that every command starts; its numbers mean nothing). A run whose
-# workdir holds a finished evaluation is skipped, so a killed sweep resumes.
+# Environment: W (workdir root), OUT, MIXERS, RECIPES, STATES_<mixer>, L, MODEL, PRE, FT,
+# SMOKE=1 (a few steps and tokens per run: checks that every command starts; its numbers
+# mean nothing). An evaluated run is not evaluated again; train.py resumes a killed run.
 set -euo pipefail
 
 W=${W:-workdirs/recurrent_length_2026_12}
@@ -29,11 +29,11 @@ MODEL=${MODEL:-"d_model=64,num_layers=2,seq_len=$L,batch_size=$((4096 / L))"}
 RECIPES=${RECIPES:-"zeros other_sequence noise carry"}
 # Two state sizes per mixer: per-channel N for the SSMs, the head dimension (a D x D
 # state per head) for the linear-attention mixers, the recurrence width for RG-LRU.
-STATES_mamba="model.mixer_options.mamba.d_state=4 model.mixer_options.mamba.d_state=16"
-STATES_mamba2="model.mixer_options.mamba2.d_state=16 model.mixer_options.mamba2.d_state=64"
-STATES_gla="model.num_heads=8,model.num_kv_heads=8 model.num_heads=2,model.num_kv_heads=2"
-STATES_gated_deltanet=$STATES_gla
-STATES_rglru="model.mixer_options.rglru.width=32 model.mixer_options.rglru.width=128"
+STATES_mamba=${STATES_mamba:-"model.mixer_options.mamba.d_state=4 model.mixer_options.mamba.d_state=16"}
+STATES_mamba2=${STATES_mamba2:-"model.mixer_options.mamba2.d_state=16 model.mixer_options.mamba2.d_state=64"}
+STATES_gla=${STATES_gla:-"model.num_heads=8,model.num_kv_heads=8 model.num_heads=2,model.num_kv_heads=2"}
+STATES_gated_deltanet=${STATES_gated_deltanet:-$STATES_gla}
+STATES_rglru=${STATES_rglru:-"model.mixer_options.rglru.width=32 model.mixer_options.rglru.width=128"}
 
 lengths() { local n=$L out=$L; for _ in 1 2 3 4 5 6; do n=$((n * 2)); out="$out,$n"; done; echo "$out"; }
 
@@ -83,7 +83,8 @@ post() {
           mkdir -p "$workdir/checkpoints"
           cp -r "$W/${m}_s${size}_pre/checkpoints/$PRE" "$workdir/checkpoints/"
         fi
-        python scripts/train.py --workdir="$workdir" --config="$CFG:mixer=$m,$MODEL,$state,$SHORT,steps=$((PRE + FT)),train.initial_state=$recipe,data.packing=$packing"
+        python scripts/train.py --workdir="$workdir" --config="$CFG:mixer=$m,$MODEL,$state,$SHORT,\
+steps=$((PRE + FT)),train.initial_state=$recipe,data.packing=$packing"
         evaluate "$workdir"
       done
     done
