@@ -6,9 +6,11 @@ each step's partial attention is merged into the running output through its logs
 fp32 (Milakov & Gimelshein 2018). The backward pass recomputes every step and sends the
 dK/dV accumulators around the ring with their K/V so they end at the owner (P hops).
 
-Every step is cut into tiles (`block_size` queries x `block_size` keys); a tile whose
-positions rule out every pair (causal order, sliding window) is skipped by a `lax.cond`, so
-fully masked work costs nothing. With the `"zigzag"` and `"striped"` layouts every device
+Every step is cut into tiles (`block_size` queries x `block_size` keys), each classified
+from its tokens' position ranges: a tile whose positions rule out every pair (causal order,
+sliding window) is skipped, so fully masked work costs nothing, and a tile whose positions
+allow every pair runs without a position mask (only the packed documents' segments, when
+given, are checked per element). With the `"zigzag"` and `"striped"` layouts every device
 then computes the same number of tiles (Brandon et al. 2023, "Striped Attention").
 """
 
@@ -27,6 +29,7 @@ from longjax.ops.attention import (
     attention_forward,
     merge_attention,
 )
+from longjax.ops.masks import EMPTY, FULL, PARTIAL
 from longjax.parallel.layouts import bound_axis_size, check_layout, shard_positions
 
 TILE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -87,9 +90,8 @@ def ring_attention(
         raise ValueError(f"impl must be one of {TILE_IMPLS}; got {impl!r}")
     cfg = _Config(axis_name, layout, causal, window, num_sinks, softcap, scale, block_size,
                   impl, group_size)
-    if segment_ids is None:
-        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
     if return_tile_count:
         out, _, count = _forward(cfg, q, k, v, segment_ids)
         return out, count
@@ -104,24 +106,35 @@ def _default_block_size(chunk, layout):
     return block
 
 
-def _over_tiles(cfg, length, visible_fn, tile_fn, carry):
-    """Runs `carry = tile_fn(i, j, visible, carry)` over every tile (query block i, key
-    block j); `tile_fn` computes only when `visible`. Returns the carry and the number of
-    visible tiles. One loop body, whatever the number of tiles.
+def _over_tiles(cfg, length, kind_fn, tile_fn, carry):
+    """Runs `carry = tile_fn(i, j, kind, carry)` over every tile (query block i, key block j)
+    of kind `kind_fn(i, j)` (EMPTY, PARTIAL or FULL); `tile_fn` computes only when not EMPTY.
+    Returns the carry and the number of tiles computed. One loop body, whatever the number
+    of tiles.
     """
     n = length // cfg.block_size
 
     def body(t, state):
         carry, count = state
         i, j = t // n, t % n
-        visible = visible_fn(i, j)
-        return tile_fn(i, j, visible, carry), count + visible.astype(jnp.int32)
+        kind = kind_fn(i, j)
+        return tile_fn(i, j, kind, carry), count + (kind != EMPTY).astype(jnp.int32)
 
     count = _varying_like(jnp.zeros((), jnp.int32), jax.tree.leaves(carry)[0])
     return jax.lax.fori_loop(0, n * n, body, (carry, count))
 
 
+def _on_kind(kind, compute, blocks):
+    """`compute(full, blocks)` by tile kind: EMPTY tiles return `blocks` unchanged, FULL
+    ones compute without position masks."""
+    branches = {EMPTY: lambda b: b, PARTIAL: functools.partial(compute, False),
+                FULL: functools.partial(compute, True)}
+    return jax.lax.switch(kind, [branches[n] for n in sorted(branches)], blocks)
+
+
 def _block(x, i, size, axis):
+    if x is None:
+        return None
     return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis)
 
 
@@ -130,29 +143,35 @@ def _set_block(x, update, i, size, axis):
 
 
 def _visible(cfg, q_pos, kv_pos):
-    """Whether some (query, key) pair of a tile passes the position masks (exact for ranges)."""
+    """Tile kind from the position masks, exact for position ranges: EMPTY when they rule
+    out every (query, key) pair, FULL when they allow every pair, else PARTIAL."""
     q_min, q_max, k_min, k_max = q_pos.min(), q_pos.max(), kv_pos.min(), kv_pos.max()
-    visible = jnp.bool_(True)
+    any_pair, all_pairs = jnp.bool_(True), jnp.bool_(True)
     if cfg.causal:
-        visible &= k_min <= q_max
+        any_pair &= k_min <= q_max
+        all_pairs &= k_max <= q_min
     if cfg.window is not None:
         local = q_min - k_max < cfg.window
+        all_local = q_max - k_min < cfg.window
         if not cfg.causal:
             local &= k_min - q_max < cfg.window
+            all_local &= k_max - q_min < cfg.window
         if cfg.num_sinks:
             local |= k_min < cfg.num_sinks
-        visible &= local
-    return visible
+            all_local |= k_max < cfg.num_sinks
+        any_pair &= local
+        all_pairs &= all_local
+    return jnp.where(any_pair, jnp.where(all_pairs, FULL, PARTIAL), EMPTY).astype(jnp.int32)
 
 
-def _mask_kwargs(cfg, q_seg, kv_seg, q_pos, kv_pos):
-    batch = q_seg.shape[0]
-    return dict(
-        causal=cfg.causal, window=cfg.window, num_sinks=cfg.num_sinks,
-        segment_ids=q_seg, kv_segment_ids=kv_seg,
-        q_positions=jnp.broadcast_to(q_pos, (batch, q_pos.shape[0])),
-        kv_positions=jnp.broadcast_to(kv_pos, (batch, kv_pos.shape[0])),
-    )
+def _mask_kwargs(cfg, full, q_seg, kv_seg, q_pos, kv_pos, batch):
+    """The tile's masks: segments when given, and the position masks unless it is FULL."""
+    kw = dict(segment_ids=q_seg, kv_segment_ids=kv_seg)
+    if not full:
+        kw.update(causal=cfg.causal, window=cfg.window, num_sinks=cfg.num_sinks,
+                  q_positions=jnp.broadcast_to(q_pos, (batch, q_pos.shape[0])),
+                  kv_positions=jnp.broadcast_to(kv_pos, (batch, kv_pos.shape[0])))
+    return kw
 
 
 def _on_tiles(cfg, run):
@@ -204,22 +223,22 @@ def _forward(cfg, q, k, v, q_seg):
         k_s, v_s, kv_seg = kv
         kv_pos = shard_positions(T, cfg.layout, num_shards, (me - step) % num_shards)
 
-        def tile(i, j, visible, o_lse):
+        def tile(i, j, kind, o_lse):
             o, lse = o_lse
 
-            def compute(o_lse_i):
-                mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
-                                       _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+            def compute(full, o_lse_i):
+                mask_kw = _mask_kwargs(cfg, full, _block(q_seg, i, c, 1),
+                                       _block(kv_seg, j, c, 1), _block(q_pos, i, c, 0),
+                                       _block(kv_pos, j, c, 0), B)
                 o_t, lse_t = _tile_forward(cfg, _block(q, i, c, 1), _block(k_s, j, c, 1),
                                            _block(v_s, j, c, 1), mask_kw)
                 return merge_attention(*o_lse_i, o_t, lse_t)
 
-            o_i, lse_i = jax.lax.cond(visible, compute, lambda o_lse_i: o_lse_i,
-                                      (_block(o, i, c, 1), _block(lse, i, c, 2)))
+            o_i, lse_i = _on_kind(kind, compute, (_block(o, i, c, 1), _block(lse, i, c, 2)))
             return _set_block(o, o_i, i, c, 1), _set_block(lse, lse_i, i, c, 2)
 
-        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
-        o_lse, count = _over_tiles(cfg, T, visible, tile, acc[:2])
+        kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+        o_lse, count = _over_tiles(cfg, T, kind, tile, acc[:2])
         return (*o_lse, acc[2] + count)
 
     def body(carry, step):
@@ -255,25 +274,25 @@ def _ring_bwd(cfg, res, dout):
         k_s, v_s, kv_seg = kv
         kv_pos = shard_positions(T, cfg.layout, num_shards, (me - step) % num_shards)
 
-        def tile(i, j, visible, acc):
+        def tile(i, j, kind, acc):
             dq, dk, dv = acc
 
-            def compute(blocks):
-                mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
-                                       _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+            def compute(full, blocks):
+                mask_kw = _mask_kwargs(cfg, full, _block(q_seg, i, c, 1),
+                                       _block(kv_seg, j, c, 1), _block(q_pos, i, c, 0),
+                                       _block(kv_pos, j, c, 0), q.shape[0])
                 grads = _tile_backward(
                     cfg, _block(q, i, c, 1), _block(k_s, j, c, 1), _block(v_s, j, c, 1),
                     _block(out, i, c, 1), _block(lse, i, c, 2), _block(dout, i, c, 1), mask_kw)
                 return tuple(b + g for b, g in zip(blocks, grads, strict=True))
 
-            dq_i, dk_j, dv_j = jax.lax.cond(
-                visible, compute, lambda blocks: blocks,
-                (_block(dq, i, c, 1), _block(dk, j, c, 1), _block(dv, j, c, 1)))
+            dq_i, dk_j, dv_j = _on_kind(
+                kind, compute, (_block(dq, i, c, 1), _block(dk, j, c, 1), _block(dv, j, c, 1)))
             return (_set_block(dq, dq_i, i, c, 1), _set_block(dk, dk_j, j, c, 1),
                     _set_block(dv, dv_j, j, c, 1))
 
-        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
-        (dq, *dkv), _ = _over_tiles(cfg, T, visible, tile, (dq, *dkv))
+        kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+        (dq, *dkv), _ = _over_tiles(cfg, T, kind, tile, (dq, *dkv))
         # dK/dV travel with their K/V; after P hops they are back at the owner.
         return dq, _rotate(cfg, tuple(dkv))
 
