@@ -3,8 +3,11 @@
 Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers": each of the P
 devices keeps its queries; key/value shards travel one hop per step with `ppermute`, and
 each step's partial attention is merged into the running output through its logsumexp in
-fp32 (Milakov & Gimelshein 2018). The backward pass recomputes every step and sends the
-dK/dV accumulators around the ring with their K/V so they end at the owner (P hops).
+fp32 (Milakov & Gimelshein 2018). The backward pass recomputes every step from the saved
+output and logsumexp; at the start of each step a device sends the dK/dV it accumulated
+for the block it held to the device that holds that block now, so every transfer (K/V
+and dK/dV alike) overlaps a step's tiles, and after P hops each block's dK/dV is at its
+owner.
 
 Every step is cut into tiles (`block_size` queries x `block_size` keys), each classified
 from its tokens' position ranges: a tile whose positions rule out every pair (causal order,
@@ -291,10 +294,12 @@ def _ring_bwd(cfg, res, dout):
             return (_set_block(dq, dq_i, i, c, 1), _set_block(dk, dk_j, j, c, 1),
                     _set_block(dv, dv_j, j, c, 1))
 
+        # dK/dV of the block held at the previous step go to the device holding it now;
+        # the transfer overlaps this step's tiles, whose part is added when both are done.
+        arriving = _rotate(cfg, dkv)
         kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
-        (dq, *dkv), _ = _over_tiles(cfg, T, kind, tile, (dq, *dkv))
-        # dK/dV travel with their K/V; after P hops they are back at the owner.
-        return dq, _rotate(cfg, tuple(dkv))
+        (dq, *part), _ = _over_tiles(cfg, T, kind, tile, (dq, zeros(k), zeros(v)))
+        return dq, tuple(a + b for a, b in zip(arriving, part, strict=True))
 
     def body(carry, step):
         dq, kv, dkv = carry
@@ -305,7 +310,8 @@ def _ring_bwd(cfg, res, dout):
     zeros = lambda x: _varying_like(jnp.zeros(x.shape, jnp.float32), x)
     carry = (zeros(q), (k, v, q_seg), (zeros(k), zeros(v)))
     (dq, kv, dkv), _ = jax.lax.scan(body, carry, jnp.arange(num_shards - 1))
-    dq, (dk, dv) = grads(num_shards - 1, dq, kv, dkv)
+    dq, dkv = grads(num_shards - 1, dq, kv, dkv)
+    dk, dv = _rotate(cfg, dkv)  # the last hop: every block's dK/dV back at its owner
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
