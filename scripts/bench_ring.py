@@ -18,7 +18,9 @@ no GQA, so K/V are repeated to the query heads inside the timed function. Peak m
 `compile().memory_analysis()` of the partitioned program (arguments + outputs +
 temporaries of one device). On simulated CPU devices all devices
 share the host's cores, so times add up the work of every device.
-The Markdown table is printed and appended to `--results` with the machine and date.
+All runs of a length are compiled first, then timed in turns (`--repeats` rounds), so
+that load changes on a shared machine weigh on every row alike. The Markdown table is
+printed and appended to `--results` with the machine and date.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ import jax.numpy as jnp
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from longjax.benchmarking import append_results, fwd_bwd, heading, machine, measure
+from longjax.benchmarking import (
+    append_results,
+    fwd_bwd,
+    heading,
+    interleaved_median_seconds,
+    machine,
+    peak_mib,
+)
 from longjax.ops.attention import dot_product_attention
 from longjax.parallel import (
     all_gather_attention,
@@ -143,22 +152,22 @@ def main(argv):
     rows = []
     for T in (int(n) for n in _LENGTHS.value):
         args = _inputs(T, devices)
-        for name, length in ((f"1 device, T={T}", T), (f"1 device, T/P={T // P}", T // P)):
-            mem, sec = measure(fwd_bwd(single), [x[:, :length] for x in args],
-                               repeats=_REPEATS.value)
-            rows.append((name, T, sec, mem))
-            print(rows[-1], flush=True)
+        runs = [(f"1 device, T={T}", fwd_bwd(single), args),
+                (f"1 device, T/P={T // P}", fwd_bwd(single), [x[:, :T // P] for x in args])]
         for item in _STRATEGIES.value:
             strategy, layout, degree = _parse(item)
             sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
             ring_size = P // (degree or 1)  # USP lays tokens out over its ring of groups
             laid = [jax.device_put(to_layout(x, layout, ring_size), sharding) for x in args]
-            mem, sec = measure(fwd_bwd(_sharded(strategy, layout, mesh, degree)), laid,
-                               repeats=_REPEATS.value)
             name = {"usp": f"usp (Ulysses {degree} x ring {ring_size})",
                     "ringattention": f"ringattention package, chunks {_PACKAGE_CHUNK.value}"
                     }.get(strategy, strategy)
-            rows.append((f"{name} ({layout}), P={P}", T, sec, mem))
+            runs.append((f"{name} ({layout}), P={P}",
+                         fwd_bwd(_sharded(strategy, layout, mesh, degree)), laid))
+        runs = [(name, jax.jit(fn).lower(*x).compile(), x) for name, fn, x in runs]
+        seconds = interleaved_median_seconds([run[1:] for run in runs], _REPEATS.value)
+        for (name, compiled, _), sec in zip(runs, seconds, strict=True):
+            rows.append((name, T, sec, peak_mib(compiled)))
             print(rows[-1], flush=True)
     table = _table(rows, devices[0])
     print(table)
@@ -172,8 +181,9 @@ def _table(rows, device):
         f"Machine: {machine()}. Forward+backward, causal="
         f"{_CAUSAL.value}, B={_BATCH.value}, H={_HEADS.value}, KV heads={_KV_HEADS.value}, "
         f"head_dim={_HEAD_DIM.value}, {_DTYPE.value}, ring tiles: "
-        f"{_RING_BLOCK.value or 'one layout chunk'}. Time: median seconds for the whole "
-        "mesh; peak: MiB per device (arguments + outputs + temporaries).",
+        f"{_RING_BLOCK.value or 'the layout chunk, halved while above 512'}. Time: median "
+        "seconds for the whole mesh, the rows timed in turns; peak: MiB per device "
+        "(arguments + outputs + temporaries).",
         "",
         "| attention | T | fwd+bwd s | peak MiB / device |",
         "|---|---|---|---|",
