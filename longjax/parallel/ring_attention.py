@@ -10,15 +10,17 @@ and dK/dV alike) overlaps a step's tiles, and after P hops each block's dK/dV is
 owner.
 
 Every step is cut into tiles (`block_size` queries x `block_size` keys), each classified
-from its tokens' position ranges: a tile whose positions rule out every pair (causal order,
-sliding window) is skipped, so fully masked work costs nothing, and a tile whose positions
-allow every pair runs without a position mask (only the packed documents' segments, when
-given, are checked per element). With the `"zigzag"` and `"striped"` layouts every device
-then computes the same number of tiles (Brandon et al. 2023, "Striped Attention").
+by the block planner from its tokens' position ranges: a tile whose positions rule out
+every pair (causal order, sliding window) is skipped, so fully masked work costs nothing,
+and a tile whose positions allow every pair runs without a position mask (only the packed
+documents' segments, when given, are checked per element). With the `"zigzag"` and
+`"striped"` layouts every device then computes the same number of tiles (Brandon et al.
+2023, "Striped Attention").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -27,26 +29,25 @@ import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
 from longjax.ops.attention import (
-    _check_args,
-    attention_backward,
-    attention_forward,
+    AttentionSpec,
+    SideInputs,
+    backward,
+    forward,
+    make_spec,
     merge_attention,
 )
-from longjax.ops.masks import EMPTY, FULL, PARTIAL
+from longjax.ops.attention.planner import key_blocks
 from longjax.parallel.layouts import bound_axis_size, check_layout, shard_positions
 
 TILE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _MAX_DEFAULT_BLOCK = 512
+_EMPTY, _PARTIAL, _FULL = 0, 1, 2  # tile kinds, the branches of `_on_kind`
 
 
 class _Config(NamedTuple):
     axis_name: str
     layout: str
-    causal: bool
-    window: int | None
-    num_sinks: int
-    softcap: float | None
-    scale: float | None
+    spec: AttentionSpec  # of PARTIAL tiles, masked by global positions
     block_size: int
     impl: str
     group_size: int
@@ -73,7 +74,8 @@ def ring_attention(
     Returns `[B, T, H, D]` in q's dtype, and with
     `return_tile_count` also the number of tiles this device computed (forward only).
     """
-    _check_args(q, k, v, window, num_sinks, segment_ids)
+    spec, _ = make_spec(q, k, v, causal=causal, window=window, num_sinks=num_sinks,
+                        softcap=softcap, scale=scale, segment_ids=segment_ids)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must hold the same local tokens; got lengths {q.shape[1]} "
                          f"and {k.shape[1]}")
@@ -91,8 +93,8 @@ def ring_attention(
                          f"got {block_size}")
     if impl not in TILE_IMPLS:
         raise ValueError(f"impl must be one of {TILE_IMPLS}; got {impl!r}")
-    cfg = _Config(axis_name, layout, causal, window, num_sinks, softcap, scale, block_size,
-                  impl, group_size)
+    spec = dataclasses.replace(spec, has_positions=True)
+    cfg = _Config(axis_name, layout, spec, block_size, impl, group_size)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
     if return_tile_count:
@@ -111,9 +113,9 @@ def _default_block_size(chunk, layout):
 
 def _over_tiles(cfg, length, kind_fn, tile_fn, carry):
     """Runs `carry = tile_fn(i, j, kind, carry)` over every tile (query block i, key block j)
-    of kind `kind_fn(i, j)` (EMPTY, PARTIAL or FULL); `tile_fn` computes only when not EMPTY.
-    Returns the carry and the number of tiles computed. One loop body, whatever the number
-    of tiles.
+    of kind `kind_fn(i, j)` (`_EMPTY`, `_PARTIAL` or `_FULL`); `tile_fn` computes only when
+    not empty. Returns the carry and the number of tiles computed. One loop body, whatever
+    the number of tiles.
     """
     n = length // cfg.block_size
 
@@ -121,18 +123,17 @@ def _over_tiles(cfg, length, kind_fn, tile_fn, carry):
         carry, count = state
         i, j = t // n, t % n
         kind = kind_fn(i, j)
-        return tile_fn(i, j, kind, carry), count + (kind != EMPTY).astype(jnp.int32)
+        return tile_fn(i, j, kind, carry), count + (kind != _EMPTY).astype(jnp.int32)
 
     count = _varying_like(jnp.zeros((), jnp.int32), jax.tree.leaves(carry)[0])
     return jax.lax.fori_loop(0, n * n, body, (carry, count))
 
 
 def _on_kind(kind, compute, blocks):
-    """`compute(full, blocks)` by tile kind: EMPTY tiles return `blocks` unchanged, FULL
+    """`compute(full, blocks)` by tile kind: empty tiles return `blocks` unchanged, full
     ones compute without position masks."""
-    branches = {EMPTY: lambda b: b, PARTIAL: functools.partial(compute, False),
-                FULL: functools.partial(compute, True)}
-    return jax.lax.switch(kind, [branches[n] for n in sorted(branches)], blocks)
+    return jax.lax.switch(kind, [lambda b: b, functools.partial(compute, False),
+                                 functools.partial(compute, True)], blocks)
 
 
 def _block(x, i, size, axis):
@@ -145,36 +146,35 @@ def _set_block(x, update, i, size, axis):
     return jax.lax.dynamic_update_slice_in_dim(x, update, i * size, axis)
 
 
-def _visible(cfg, q_pos, kv_pos):
-    """Tile kind from the position masks, exact for position ranges: EMPTY when they rule
-    out every (query, key) pair, FULL when they allow every pair, else PARTIAL."""
-    q_min, q_max, k_min, k_max = q_pos.min(), q_pos.max(), kv_pos.min(), kv_pos.max()
-    any_pair, all_pairs = jnp.bool_(True), jnp.bool_(True)
-    if cfg.causal:
-        any_pair &= k_min <= q_max
-        all_pairs &= k_max <= q_min
-    if cfg.window is not None:
-        local = q_min - k_max < cfg.window
-        all_local = q_max - k_min < cfg.window
-        if not cfg.causal:
-            local &= k_min - q_max < cfg.window
-            all_local &= k_max - q_min < cfg.window
-        if cfg.num_sinks:
-            local |= k_min < cfg.num_sinks
-            all_local |= k_max < cfg.num_sinks
-        any_pair &= local
-        all_pairs &= all_local
-    return jnp.where(any_pair, jnp.where(all_pairs, FULL, PARTIAL), EMPTY).astype(jnp.int32)
+def _visible(cfg, q_pos, kv_pos, seq_len):
+    """Tile kind from the block planner on the position masks (exact for position ranges,
+    `seq_len` tokens in all): `_EMPTY` when it visits no key of `kv_pos` for the queries at
+    `q_pos`, `_FULL` when every key is in its unmasked range, else `_PARTIAL`."""
+    positions_only = dataclasses.replace(cfg.spec, has_segments=False)
+    seen = key_blocks(positions_only, q_pos.min(), q_pos.max(), block_k=1, kv_len=seq_len)
+    k_min, k_max = kv_pos.min(), kv_pos.max()
+    visible = (k_min < seen.sinks) | ((seen.lo < seen.hi) & (k_min < seen.hi)
+                                      & (k_max >= seen.lo))
+    full = (k_min >= seen.full_lo) & (k_max < seen.full_hi)
+    return jnp.where(visible, jnp.where(full, _FULL, _PARTIAL), _EMPTY).astype(jnp.int32)
 
 
-def _mask_kwargs(cfg, full, q_seg, kv_seg, q_pos, kv_pos, batch):
-    """The tile's masks: segments when given, and the position masks unless it is FULL."""
-    kw = dict(segment_ids=q_seg, kv_segment_ids=kv_seg)
+def _tile_spec(cfg, full):
+    """The spec of a tile: PARTIAL tiles mask by position, FULL ones only by segments."""
     if not full:
-        kw.update(causal=cfg.causal, window=cfg.window, num_sinks=cfg.num_sinks,
-                  q_positions=jnp.broadcast_to(q_pos, (batch, q_pos.shape[0])),
-                  kv_positions=jnp.broadcast_to(kv_pos, (batch, kv_pos.shape[0])))
-    return kw
+        return cfg.spec
+    return dataclasses.replace(cfg.spec, causal=False, window=None, num_sinks=0,
+                               has_positions=False)
+
+
+def _side_inputs(full, q_seg, kv_seg, q_pos, kv_pos, batch):
+    if full:
+        return SideInputs(segment_ids=q_seg, kv_segment_ids=kv_seg)
+    return SideInputs(
+        segment_ids=q_seg, kv_segment_ids=kv_seg,
+        q_positions=jnp.broadcast_to(q_pos, (batch, q_pos.shape[0])),
+        kv_positions=jnp.broadcast_to(kv_pos, (batch, kv_pos.shape[0])),
+    )
 
 
 def _on_tiles(cfg, run):
@@ -182,16 +182,15 @@ def _on_tiles(cfg, run):
     return impl_lib.run("ring_attention_tile", cfg.impl, run)
 
 
-def _tile_forward(cfg, q, k, v, mask_kw):
+def _tile_forward(cfg, spec, q, k, v, side):
     """(out `[B, t, H, D]`, lse `[B, H, t]` fp32) of one tile; rows with no key: lse=-inf."""
-    return _on_tiles(cfg, lambda impl: attention_forward(
-        q, k, v, softcap=cfg.softcap, scale=cfg.scale, impl=impl, **mask_kw))
+    return _on_tiles(cfg, lambda impl: forward(spec, q, k, v, side, impl=impl))
 
 
-def _tile_backward(cfg, q, k, v, out, lse, dout, mask_kw):
+def _tile_backward(cfg, spec, q, k, v, out, lse, dout, side):
     """(dq, dk, dv) of one tile given the final `out` and `lse` of its query rows."""
-    grads = _on_tiles(cfg, lambda impl: attention_backward(
-        q, k, v, out, lse, dout, softcap=cfg.softcap, scale=cfg.scale, impl=impl, **mask_kw))
+    grads = _on_tiles(cfg, lambda impl: backward(spec, q, k, v, side, out, lse, dout,
+                                                 impl=impl)[:3])
     return tuple(g.astype(jnp.float32) for g in grads)
 
 
@@ -230,17 +229,17 @@ def _forward(cfg, q, k, v, q_seg):
             o, lse = o_lse
 
             def compute(full, o_lse_i):
-                mask_kw = _mask_kwargs(cfg, full, _block(q_seg, i, c, 1),
-                                       _block(kv_seg, j, c, 1), _block(q_pos, i, c, 0),
-                                       _block(kv_pos, j, c, 0), B)
-                o_t, lse_t = _tile_forward(cfg, _block(q, i, c, 1), _block(k_s, j, c, 1),
-                                           _block(v_s, j, c, 1), mask_kw)
+                side = _side_inputs(full, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                    _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0), B)
+                o_t, lse_t = _tile_forward(cfg, _tile_spec(cfg, full), _block(q, i, c, 1),
+                                           _block(k_s, j, c, 1), _block(v_s, j, c, 1), side)
                 return merge_attention(*o_lse_i, o_t, lse_t)
 
             o_i, lse_i = _on_kind(kind, compute, (_block(o, i, c, 1), _block(lse, i, c, 2)))
             return _set_block(o, o_i, i, c, 1), _set_block(lse, lse_i, i, c, 2)
 
-        kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+        kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
+                                     T * num_shards)
         o_lse, count = _over_tiles(cfg, T, kind, tile, acc[:2])
         return (*o_lse, acc[2] + count)
 
@@ -281,12 +280,13 @@ def _ring_bwd(cfg, res, dout):
             dq, dk, dv = acc
 
             def compute(full, blocks):
-                mask_kw = _mask_kwargs(cfg, full, _block(q_seg, i, c, 1),
-                                       _block(kv_seg, j, c, 1), _block(q_pos, i, c, 0),
-                                       _block(kv_pos, j, c, 0), q.shape[0])
+                side = _side_inputs(full, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                    _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
+                                    q.shape[0])
                 grads = _tile_backward(
-                    cfg, _block(q, i, c, 1), _block(k_s, j, c, 1), _block(v_s, j, c, 1),
-                    _block(out, i, c, 1), _block(lse, i, c, 2), _block(dout, i, c, 1), mask_kw)
+                    cfg, _tile_spec(cfg, full), _block(q, i, c, 1), _block(k_s, j, c, 1),
+                    _block(v_s, j, c, 1), _block(out, i, c, 1), _block(lse, i, c, 2),
+                    _block(dout, i, c, 1), side)
                 return tuple(b + g for b, g in zip(blocks, grads, strict=True))
 
             dq_i, dk_j, dv_j = _on_kind(
@@ -297,7 +297,8 @@ def _ring_bwd(cfg, res, dout):
         # dK/dV of the block held at the previous step go to the device holding it now;
         # the transfer overlaps this step's tiles, whose part is added when both are done.
         arriving = _rotate(cfg, dkv)
-        kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+        kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
+                                     T * num_shards)
         (dq, *part), _ = _over_tiles(cfg, T, kind, tile, (dq, zeros(k), zeros(v)))
         return dq, tuple(a + b for a, b in zip(arriving, part, strict=True))
 
