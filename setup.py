@@ -38,6 +38,8 @@ EXTRAS = {
         # the TPU compiler: tests compile kernels and train steps for TPU topologies
         "libtpu>=0.0.52; platform_system == 'Linux'",
     ],
+    # scripts/bench_ring.py's row for the ringattention package (Liu et al.'s JAX ring)
+    "bench": ["ringattention>=0.1.2", "einops>=0.8"],
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "notebook": ["jupyter>=1.0", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],

@@ -39,13 +39,22 @@ def peak_mib(compiled) -> float:
 
 def median_seconds(compiled, args, repeats: int) -> float:
     """Median wall time of `repeats` calls after one warm-up call."""
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return interleaved_median_seconds([(compiled, args)], repeats)[0]
+
+
+def interleaved_median_seconds(runs, repeats: int) -> list[float]:
+    """Median wall times of `(compiled, args)` runs, each warmed up once, then timed in
+    turns (first, second, ..., first, ...), so that a change of the machine's load weighs
+    on all of them alike: side-by-side comparisons on a shared machine."""
+    for compiled, args in runs:
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for run_times, (compiled, args) in zip(times, runs, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            run_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def measure(fn, args, *, repeats: int, timed: bool = True):
@@ -64,10 +73,12 @@ def heading(devices: str | None = None) -> str:
 
 def machine() -> str:
     """The host, its processor, the CPUs this process may run on (fewer than the machine's
-    under `taskset`) and the jax version."""
+    under `taskset`), their 1-minute load average now (other processes share them) and the
+    jax version."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-            f"{cpus} of {os.cpu_count()} CPUs; jax {jax.__version__}")
+            f"{cpus} of {os.cpu_count()} CPUs{load}; jax {jax.__version__}")
 
 
 def append_results(path: str, section: str, text: str) -> None:

@@ -150,9 +150,10 @@ def test_collective_bytes_counts_results_and_loop_trips():
 
 
 def test_ring_attention_overlaps_the_next_kv_transfer_with_this_steps_tiles():
-    """Compiled for a v5e:2x4 slice, the forward ring's K/V `ppermute` for step i+1 is an
+    """Compiled for a v5e:2x4 slice, the ring's K/V `ppermute` for step i+1 is an
     asynchronous collective whose start comes before step i's tile loop and whose done
-    comes after it (Liu et al. 2023: communication hidden behind blockwise compute)."""
+    comes after it (Liu et al. 2023: communication hidden behind blockwise compute), in the
+    forward and in the backward, where the dK/dV transfers overlap the tiles too."""
     import functools
     import re
 
@@ -172,12 +173,15 @@ def test_ring_attention_overlaps_the_next_kv_transfer_with_this_steps_tiles():
                              sharding=NamedSharding(mesh, spec))
     lines = aot.hlo_text(aot.compile_lowered(jax.jit(fwd_bwd(ring)).lower(x, x, x, x)))
     lines = lines.splitlines()
-    starts, enclosing_loop = {}, 0
+    starts, enclosing_loop = {}, {"forward": 0, "backward": 0}
     for i, line in enumerate(lines):
         if m := re.match(r"\s*(%\S+) = .* collective-permute-start\(", line):
             starts[m.group(1)] = i
         if (m := re.search(r"collective-permute-done\((%\S+)\)", line)) and m.group(1) in starts:
             between = lines[starts[m.group(1)] + 1:i]
-            enclosing_loop += any(re.search(r" while\(", b) for b in between)
+            if any(re.search(r" while\(", b) for b in between):
+                # the VJP's ops are named under transpose(jvp(...))
+                enclosing_loop["backward" if "transpose(jvp" in line else "forward"] += 1
     assert starts, "the ring's ppermutes compile to asynchronous collectives"
-    assert enclosing_loop >= 2, "K and V transfers each enclose the step's tile loop"
+    assert enclosing_loop["forward"] >= 2, "K and V transfers each enclose the step's tiles"
+    assert enclosing_loop["backward"] >= 4, "K, V, dK and dV transfers enclose the tiles"

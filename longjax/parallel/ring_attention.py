@@ -3,13 +3,19 @@
 Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers": each of the P
 devices keeps its queries; key/value shards travel one hop per step with `ppermute`, and
 each step's partial attention is merged into the running output through its logsumexp in
-fp32 (Milakov & Gimelshein 2018). The backward pass recomputes every step and sends the
-dK/dV accumulators around the ring with their K/V so they end at the owner (P hops).
+fp32 (Milakov & Gimelshein 2018). The backward pass recomputes every step from the saved
+output and logsumexp; at the start of each step a device sends the dK/dV it accumulated
+for the block it held to the device that holds that block now, so every transfer (K/V
+and dK/dV alike) overlaps a step's tiles, and after P hops each block's dK/dV is at its
+owner.
 
-Every step is cut into tiles (`block_size` queries x `block_size` keys); a tile whose
-positions rule out every pair (causal order, sliding window) is skipped by a `lax.cond`, so
-fully masked work costs nothing. With the `"zigzag"` and `"striped"` layouts every device
-then computes the same number of tiles (Brandon et al. 2023, "Striped Attention").
+Every step is cut into tiles (`block_size` queries x `block_size` keys), each classified
+by the block planner from its tokens' position ranges: a tile whose positions rule out
+every pair (causal order, sliding window) is skipped, so fully masked work costs nothing,
+and a tile whose positions allow every pair runs without a position mask (only the packed
+documents' segments, when given, are checked per element). With the `"zigzag"` and
+`"striped"` layouts every device then computes the same number of tiles (Brandon et al.
+2023, "Striped Attention").
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from longjax.parallel.layouts import bound_axis_size, check_layout, shard_positi
 
 TILE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _MAX_DEFAULT_BLOCK = 512
+_EMPTY, _PARTIAL, _FULL = 0, 1, 2  # tile kinds, the branches of `_on_kind`
 
 
 class _Config(NamedTuple):
     axis_name: str
     layout: str
-    spec: AttentionSpec  # of every tile: segments and global positions always given
+    spec: AttentionSpec  # of PARTIAL tiles, masked by global positions
     block_size: int
     impl: str
     group_size: int
@@ -86,11 +93,10 @@ def ring_attention(
                          f"got {block_size}")
     if impl not in TILE_IMPLS:
         raise ValueError(f"impl must be one of {TILE_IMPLS}; got {impl!r}")
-    spec = dataclasses.replace(spec, has_segments=True, has_positions=True)
+    spec = dataclasses.replace(spec, has_positions=True)
     cfg = _Config(axis_name, layout, spec, block_size, impl, group_size)
-    if segment_ids is None:
-        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
     if return_tile_count:
         out, _, count = _forward(cfg, q, k, v, segment_ids)
         return out, count
@@ -105,24 +111,34 @@ def _default_block_size(chunk, layout):
     return block
 
 
-def _over_tiles(cfg, length, visible_fn, tile_fn, carry):
-    """Runs `carry = tile_fn(i, j, visible, carry)` over every tile (query block i, key
-    block j); `tile_fn` computes only when `visible`. Returns the carry and the number of
-    visible tiles. One loop body, whatever the number of tiles.
+def _over_tiles(cfg, length, kind_fn, tile_fn, carry):
+    """Runs `carry = tile_fn(i, j, kind, carry)` over every tile (query block i, key block j)
+    of kind `kind_fn(i, j)` (`_EMPTY`, `_PARTIAL` or `_FULL`); `tile_fn` computes only when
+    not empty. Returns the carry and the number of tiles computed. One loop body, whatever
+    the number of tiles.
     """
     n = length // cfg.block_size
 
     def body(t, state):
         carry, count = state
         i, j = t // n, t % n
-        visible = visible_fn(i, j)
-        return tile_fn(i, j, visible, carry), count + visible.astype(jnp.int32)
+        kind = kind_fn(i, j)
+        return tile_fn(i, j, kind, carry), count + (kind != _EMPTY).astype(jnp.int32)
 
     count = _varying_like(jnp.zeros((), jnp.int32), jax.tree.leaves(carry)[0])
     return jax.lax.fori_loop(0, n * n, body, (carry, count))
 
 
+def _on_kind(kind, compute, blocks):
+    """`compute(full, blocks)` by tile kind: empty tiles return `blocks` unchanged, full
+    ones compute without position masks."""
+    return jax.lax.switch(kind, [lambda b: b, functools.partial(compute, False),
+                                 functools.partial(compute, True)], blocks)
+
+
 def _block(x, i, size, axis):
+    if x is None:
+        return None
     return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis)
 
 
@@ -131,15 +147,29 @@ def _set_block(x, update, i, size, axis):
 
 
 def _visible(cfg, q_pos, kv_pos, seq_len):
-    """Whether the block planner visits some key of the positions `kv_pos` for the queries
-    at `q_pos` (exact for ranges; `seq_len` tokens in all)."""
-    seen = key_blocks(cfg.spec, q_pos.min(), q_pos.max(), block_k=1, kv_len=seq_len)
+    """Tile kind from the block planner on the position masks (exact for position ranges,
+    `seq_len` tokens in all): `_EMPTY` when it visits no key of `kv_pos` for the queries at
+    `q_pos`, `_FULL` when every key is in its unmasked range, else `_PARTIAL`."""
+    positions_only = dataclasses.replace(cfg.spec, has_segments=False)
+    seen = key_blocks(positions_only, q_pos.min(), q_pos.max(), block_k=1, kv_len=seq_len)
     k_min, k_max = kv_pos.min(), kv_pos.max()
-    return (k_min < seen.sinks) | ((seen.lo < seen.hi) & (k_min < seen.hi) & (k_max >= seen.lo))
+    visible = (k_min < seen.sinks) | ((seen.lo < seen.hi) & (k_min < seen.hi)
+                                      & (k_max >= seen.lo))
+    full = (k_min >= seen.full_lo) & (k_max < seen.full_hi)
+    return jnp.where(visible, jnp.where(full, _FULL, _PARTIAL), _EMPTY).astype(jnp.int32)
 
 
-def _side_inputs(q_seg, kv_seg, q_pos, kv_pos):
-    batch = q_seg.shape[0]
+def _tile_spec(cfg, full):
+    """The spec of a tile: PARTIAL tiles mask by position, FULL ones only by segments."""
+    if not full:
+        return cfg.spec
+    return dataclasses.replace(cfg.spec, causal=False, window=None, num_sinks=0,
+                               has_positions=False)
+
+
+def _side_inputs(full, q_seg, kv_seg, q_pos, kv_pos, batch):
+    if full:
+        return SideInputs(segment_ids=q_seg, kv_segment_ids=kv_seg)
     return SideInputs(
         segment_ids=q_seg, kv_segment_ids=kv_seg,
         q_positions=jnp.broadcast_to(q_pos, (batch, q_pos.shape[0])),
@@ -152,14 +182,14 @@ def _on_tiles(cfg, run):
     return impl_lib.run("ring_attention_tile", cfg.impl, run)
 
 
-def _tile_forward(cfg, q, k, v, side):
+def _tile_forward(cfg, spec, q, k, v, side):
     """(out `[B, t, H, D]`, lse `[B, H, t]` fp32) of one tile; rows with no key: lse=-inf."""
-    return _on_tiles(cfg, lambda impl: forward(cfg.spec, q, k, v, side, impl=impl))
+    return _on_tiles(cfg, lambda impl: forward(spec, q, k, v, side, impl=impl))
 
 
-def _tile_backward(cfg, q, k, v, out, lse, dout, side):
+def _tile_backward(cfg, spec, q, k, v, out, lse, dout, side):
     """(dq, dk, dv) of one tile given the final `out` and `lse` of its query rows."""
-    grads = _on_tiles(cfg, lambda impl: backward(cfg.spec, q, k, v, side, out, lse, dout,
+    grads = _on_tiles(cfg, lambda impl: backward(spec, q, k, v, side, out, lse, dout,
                                                  impl=impl)[:3])
     return tuple(g.astype(jnp.float32) for g in grads)
 
@@ -195,23 +225,22 @@ def _forward(cfg, q, k, v, q_seg):
         k_s, v_s, kv_seg = kv
         kv_pos = shard_positions(T, cfg.layout, num_shards, (me - step) % num_shards)
 
-        def tile(i, j, visible, o_lse):
+        def tile(i, j, kind, o_lse):
             o, lse = o_lse
 
-            def compute(o_lse_i):
-                side = _side_inputs(_block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
-                                    _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
-                o_t, lse_t = _tile_forward(cfg, _block(q, i, c, 1), _block(k_s, j, c, 1),
-                                           _block(v_s, j, c, 1), side)
+            def compute(full, o_lse_i):
+                side = _side_inputs(full, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                    _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0), B)
+                o_t, lse_t = _tile_forward(cfg, _tile_spec(cfg, full), _block(q, i, c, 1),
+                                           _block(k_s, j, c, 1), _block(v_s, j, c, 1), side)
                 return merge_attention(*o_lse_i, o_t, lse_t)
 
-            o_i, lse_i = jax.lax.cond(visible, compute, lambda o_lse_i: o_lse_i,
-                                      (_block(o, i, c, 1), _block(lse, i, c, 2)))
+            o_i, lse_i = _on_kind(kind, compute, (_block(o, i, c, 1), _block(lse, i, c, 2)))
             return _set_block(o, o_i, i, c, 1), _set_block(lse, lse_i, i, c, 2)
 
-        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
-                                        T * num_shards)
-        o_lse, count = _over_tiles(cfg, T, visible, tile, acc[:2])
+        kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
+                                     T * num_shards)
+        o_lse, count = _over_tiles(cfg, T, kind, tile, acc[:2])
         return (*o_lse, acc[2] + count)
 
     def body(carry, step):
@@ -247,28 +276,31 @@ def _ring_bwd(cfg, res, dout):
         k_s, v_s, kv_seg = kv
         kv_pos = shard_positions(T, cfg.layout, num_shards, (me - step) % num_shards)
 
-        def tile(i, j, visible, acc):
+        def tile(i, j, kind, acc):
             dq, dk, dv = acc
 
-            def compute(blocks):
-                side = _side_inputs(_block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
-                                    _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+            def compute(full, blocks):
+                side = _side_inputs(full, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                    _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
+                                    q.shape[0])
                 grads = _tile_backward(
-                    cfg, _block(q, i, c, 1), _block(k_s, j, c, 1), _block(v_s, j, c, 1),
-                    _block(out, i, c, 1), _block(lse, i, c, 2), _block(dout, i, c, 1), side)
+                    cfg, _tile_spec(cfg, full), _block(q, i, c, 1), _block(k_s, j, c, 1),
+                    _block(v_s, j, c, 1), _block(out, i, c, 1), _block(lse, i, c, 2),
+                    _block(dout, i, c, 1), side)
                 return tuple(b + g for b, g in zip(blocks, grads, strict=True))
 
-            dq_i, dk_j, dv_j = jax.lax.cond(
-                visible, compute, lambda blocks: blocks,
-                (_block(dq, i, c, 1), _block(dk, j, c, 1), _block(dv, j, c, 1)))
+            dq_i, dk_j, dv_j = _on_kind(
+                kind, compute, (_block(dq, i, c, 1), _block(dk, j, c, 1), _block(dv, j, c, 1)))
             return (_set_block(dq, dq_i, i, c, 1), _set_block(dk, dk_j, j, c, 1),
                     _set_block(dv, dv_j, j, c, 1))
 
-        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
-                                        T * num_shards)
-        (dq, *dkv), _ = _over_tiles(cfg, T, visible, tile, (dq, *dkv))
-        # dK/dV travel with their K/V; after P hops they are back at the owner.
-        return dq, _rotate(cfg, tuple(dkv))
+        # dK/dV of the block held at the previous step go to the device holding it now;
+        # the transfer overlaps this step's tiles, whose part is added when both are done.
+        arriving = _rotate(cfg, dkv)
+        kind = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
+                                     T * num_shards)
+        (dq, *part), _ = _over_tiles(cfg, T, kind, tile, (dq, zeros(k), zeros(v)))
+        return dq, tuple(a + b for a, b in zip(arriving, part, strict=True))
 
     def body(carry, step):
         dq, kv, dkv = carry
@@ -279,7 +311,8 @@ def _ring_bwd(cfg, res, dout):
     zeros = lambda x: _varying_like(jnp.zeros(x.shape, jnp.float32), x)
     carry = (zeros(q), (k, v, q_seg), (zeros(k), zeros(v)))
     (dq, kv, dkv), _ = jax.lax.scan(body, carry, jnp.arange(num_shards - 1))
-    dq, (dk, dv) = grads(num_shards - 1, dq, kv, dkv)
+    dq, dkv = grads(num_shards - 1, dq, kv, dkv)
+    dk, dv = _rotate(cfg, dkv)  # the last hop: every block's dK/dV back at its owner
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

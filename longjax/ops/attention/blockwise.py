@@ -32,12 +32,20 @@ def pad_axis(x, axis, size, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _head_major(x, num_kv_heads):
+    """`[B, T, H, D]` -> `[B, K, G, T, D]` (query head h = k G + g shares key head k)."""
+    B, T, H, D = x.shape
+    return x.reshape(B, T, num_kv_heads, H // num_kv_heads, D).transpose(0, 2, 3, 1, 4)
+
+
 class Blocks:
     """Padded, grouped operands and per-tile helpers shared by the forward and backward.
 
-    Tensors are kept as q `[B, Tp, K, G, D]`, k / v `[B, Sp, K, D]` (T, S padded to whole
-    blocks); the bias is held at its broadcast shape `[b, h, t, s]` (size-1 dims not
-    expanded) and sliced per tile.
+    Tensors are kept head-major, q `[B, K, G, Tp, D]`, k / v `[B, K, Sp, D]` (T, S padded
+    to whole blocks), so that every tile product is a plain batched matrix product over
+    `(B, K)` whose `[G * bq, bk]` score-sized operand is never transposed (the backward
+    forms dK^T and dV^T, whose transposes are `[D, bk]`); the bias is held at its
+    broadcast shape `[b, h, t, s]` (size-1 dims not expanded) and sliced per tile.
     """
 
     def __init__(self, spec, q, k, v, side, *, block_q=None, block_k=None):
@@ -50,8 +58,8 @@ class Blocks:
         self.nq, self.nk = self.tiling.nq, self.tiling.nk
         self.spec = spec
         self.scale = spec.softmax_scale(D)
-        self.q = pad_axis(q, 1, self.Tp).reshape(B, self.Tp, K, self.G, D)
-        self.k, self.v = pad_axis(k, 1, self.Sp), pad_axis(v, 1, self.Sp)
+        self.q = _head_major(pad_axis(q, 1, self.Tp), K)
+        self.k, self.v = (pad_axis(x, 1, self.Sp).transpose(0, 2, 1, 3) for x in (k, v))
         self.q_seg = pad_axis(side.segment_ids, 1, self.Tp)
         self.kv_seg = pad_axis(side.kv_segments, 1, self.Sp)
         self.q_pos = pad_axis(side.q_positions, 1, self.Tp)
@@ -106,9 +114,9 @@ class Blocks:
 
     def scores(self, i, j):
         """Tile (i, j): scores `[B, K, G, bq, bk]` fp32 (unmasked), mask, tanh and |dpos|."""
-        qt = jax.lax.dynamic_slice_in_dim(self.q, i * self.bq, self.bq, 1)
-        kt = jax.lax.dynamic_slice_in_dim(self.k, j * self.bk, self.bk, 1)
-        s = jnp.einsum("bqkgd,bskd->bkgqs", qt, kt, preferred_element_type=jnp.float32)
+        qt = jax.lax.dynamic_slice_in_dim(self.q, i * self.bq, self.bq, 3)
+        kt = jax.lax.dynamic_slice_in_dim(self.k, j * self.bk, self.bk, 2)
+        s = jnp.einsum("bkgqd,bksd->bkgqs", qt, kt, preferred_element_type=jnp.float32)
         s = s * self.scale
         tanh = None
         if self.spec.softcap is not None:
@@ -157,8 +165,8 @@ def forward(blk):
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            vt = jax.lax.dynamic_slice_in_dim(blk.v, j * blk.bk, blk.bk, 1)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vt.dtype), vt,
+            vt = jax.lax.dynamic_slice_in_dim(blk.v, j * blk.bk, blk.bk, 2)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vt.dtype), vt,
                             preferred_element_type=jnp.float32)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
@@ -185,31 +193,31 @@ def backward(blk, out, lse, dout, dlse=None):
     # Padded query rows are masked out, so their lse / delta values are never used.
     lse = pad_axis(jnp.where(jnp.isfinite(lse), lse, 0.0), 2, blk.Tp).reshape(B, K, G, blk.Tp)
     delta = pad_axis(delta, 2, blk.Tp).reshape(B, K, G, blk.Tp)
-    do = pad_axis(dout, 1, blk.Tp).reshape(B, blk.Tp, K, G, D)
+    do = _head_major(pad_axis(dout, 1, blk.Tp), K)
     idx, counts = blk.visits(transpose=True)
     has_bias, has_alibi = blk.bias is not None, blk.alibi is not None
 
     def kv_block(carry, args):
         j, row, count = args
-        kt = jax.lax.dynamic_slice_in_dim(blk.k, j * bk, bk, 1)
-        vt = jax.lax.dynamic_slice_in_dim(blk.v, j * bk, bk, 1)
+        kt = jax.lax.dynamic_slice_in_dim(blk.k, j * bk, bk, 2)
+        vt = jax.lax.dynamic_slice_in_dim(blk.v, j * bk, bk, 2)
 
         def body(n, inner):
             return blk.skip_empty(functools.partial(step, row[n]), row[n], j, inner)
 
         def step(i, inner):
-            dk, dv, dq, dbias, dslopes = inner
+            dk_t, dv_t, dq, dbias, dslopes = inner
             s, mask, tanh, dist = blk.scores(i, j)
             lse_t = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, 3)
             delta_t = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, 3)
-            do_t = jax.lax.dynamic_slice_in_dim(do, i * bq, bq, 1)
-            q_t = jax.lax.dynamic_slice_in_dim(blk.q, i * bq, bq, 1)
+            do_t = jax.lax.dynamic_slice_in_dim(do, i * bq, bq, 3)
+            q_t = jax.lax.dynamic_slice_in_dim(blk.q, i * bq, bq, 3)
             p = jnp.exp(s - lse_t[..., None])
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
-            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do.dtype), do_t,
-                                 preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_t, vt, preferred_element_type=jnp.float32)
+            dv_t = dv_t + jnp.einsum("bkgqd,bkgqs->bkds", do_t, p.astype(do.dtype),
+                                     preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_t, vt, preferred_element_type=jnp.float32)
             ds = p * (dp - delta_t[..., None])
             if has_bias:
                 start, size = blk._bias_tile(i, j)
@@ -223,14 +231,15 @@ def backward(blk, out, lse, dout, dlse=None):
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
             ds = (ds * blk.scale).astype(blk.q.dtype)
-            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_t, preferred_element_type=jnp.float32)
-            dq_t = jnp.einsum("bkgqs,bskd->bqkgd", ds, kt, preferred_element_type=jnp.float32)
+            dk_t = dk_t + jnp.einsum("bkgqd,bkgqs->bkds", q_t, ds,
+                                     preferred_element_type=jnp.float32)
+            dq_t = jnp.einsum("bkgqs,bksd->bkgqd", ds, kt, preferred_element_type=jnp.float32)
             dq = jax.lax.dynamic_update_slice_in_dim(
-                dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, 1) + dq_t, i * bq, 1)
-            return dk, dv, dq, dbias, dslopes
+                dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, 3) + dq_t, i * bq, 3)
+            return dk_t, dv_t, dq, dbias, dslopes
 
         dq, dbias, dslopes = carry
-        zeros = jnp.zeros((B, bk, K, D), jnp.float32)
+        zeros = jnp.zeros((B, K, D, bk), jnp.float32)
         dk, dv, dq, dbias, dslopes = jax.lax.fori_loop(
             0, count, body, (zeros, zeros, dq, dbias, dslopes))
         return (dq, dbias, dslopes), (dk, dv)
@@ -239,9 +248,10 @@ def backward(blk, out, lse, dout, dlse=None):
             jnp.zeros(blk.bias.shape, jnp.float32) if has_bias else None,
             jnp.zeros((K, G), jnp.float32) if has_alibi else None)
     (dq, dbias, dslopes), (dk, dv) = jax.lax.scan(kv_block, init, (jnp.arange(blk.nk), idx, counts))
-    dq = dq.reshape(B, blk.Tp, blk.H, D)[:, : blk.T].astype(blk.q.dtype)
-    dk = dk.transpose(1, 0, 2, 3, 4).reshape(B, blk.Sp, K, D)[:, : blk.S].astype(blk.k.dtype)
-    dv = dv.transpose(1, 0, 2, 3, 4).reshape(B, blk.Sp, K, D)[:, : blk.S].astype(blk.v.dtype)
+    dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, blk.Tp, blk.H, D)[:, : blk.T].astype(blk.q.dtype)
+    # dk, dv: [nk, B, K, D, bk] (transposed tiles) -> [B, S, K, D]
+    dk, dv = (g.transpose(1, 0, 4, 2, 3).reshape(B, blk.Sp, K, D)[:, : blk.S].astype(x.dtype)
+              for g, x in ((dk, blk.k), (dv, blk.v)))
     if has_bias:
         full = (1,) * (4 - len(blk.bias_shape)) + blk.bias_shape
         dbias = dbias[:, :, : full[2], : full[3]].reshape(blk.bias_shape)
