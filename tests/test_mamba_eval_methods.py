@@ -65,7 +65,7 @@ def numpy_mamba(p, x, *, delta_scale=1.0, decay_scale=1.0, input_scale=1.0, stat
 @pytest.fixture(scope="module")
 def block():
     x = jax.random.normal(jax.random.key(0), (B, T, DM))
-    params = MambaMixer(d_model=DM, d_state=N).init(jax.random.key(1), x)["params"]
+    params = jax.jit(MambaMixer(d_model=DM, d_state=N).init)(jax.random.key(1), x)["params"]
     return x, jax.tree.map(lambda a: a.value, params, is_leaf=lambda a: hasattr(a, "value"))
 
 
@@ -127,11 +127,11 @@ def test_the_layers_after_a_decimating_layer_see_only_its_tokens():
     config = _lm_config()
     tokens = jax.random.randint(jax.random.key(2), (B, 24), 0, 32)
     model = DecoderLM(ml_collections.FrozenConfigDict(config))
-    params = model.init(jax.random.key(3), tokens)["params"]
-    plain, _ = model.apply({"params": params}, tokens)
+    params = jax.jit(model.init)(jax.random.key(3), tokens)["params"]
+    plain, _ = jax.jit(model.apply)({"params": params}, tokens)
     method = apply_method(config, "decimation:0:4", train_length=12, eval_length=24)
     assert method.decimation == ((0, 4, DECIMATION_KEEP_LAST),)
-    logits, _ = DecoderLM(method).apply({"params": params}, tokens)
+    logits, _ = jax.jit(DecoderLM(method).apply)({"params": params}, tokens)
     scored = np.abs(np.asarray(logits)).sum(-1) > 0
     assert (scored.sum(1) == 4 + DECIMATION_KEEP_LAST).all() and scored[:, -8:].all()
     assert not np.allclose(np.asarray(logits)[scored], np.asarray(plain)[scored], atol=1e-3)

@@ -114,6 +114,7 @@ class MambaMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+        _check_eval_options(self)
         B, T, _ = x.shape
         E, N = self.inner, self.d_state
         rank = math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
@@ -130,7 +131,6 @@ class MambaMixer(nn.Module):
         A_log = _param(self, "A_log", lambda k, s, d=jnp.float32: jnp.log(
             jnp.broadcast_to(jnp.arange(1, N + 1, dtype=d), s)), (E, N), ("mlp", "ssm_state"))
         D = _param(self, "D", nn.initializers.ones, (E,), ("mlp",))
-        _check_eval_options(self)
         delta = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias) * self.delta_scale
         kept = None
         if self.decimation is not None and T > sum(self.decimation):
