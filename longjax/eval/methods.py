@@ -23,8 +23,8 @@ parameters, so the trained parameters still load. Parts compose with `+`
 Mamba methods set options of the Mamba mixer (`config.model.mixer_options.mamba`, see
 `longjax.nn.ssm.MambaMixer`) of every Mamba layer:
 
-- Stuffed Mamba's training-free mitigations of state collapse (Chen et al. 2024, Sec.
-  5.1): `delta_scale:S` (the step size delta times S), `decay_scale:S` (A times S: the
+- Stuffed Mamba's training-free mitigations of state collapse (Chen et al. 2024, arXiv
+  2410.07145v1): `delta_scale:S` (the step size delta times S), `decay_scale:S` (A times S: the
   decay exp(delta A) alone, S > 1 forgets more), `input_scale:S` (B times S, S < 1
   remembers less), `state_norm:C` (each channel's state scaled down to L2 norm C after
   every update).

@@ -73,18 +73,20 @@ class MambaMixer(nn.Module):
 
     Cache: `{"ssm": [B, E, N] fp32, "conv": ShortConv cache, "segment": [B]}`, E = expand d.
 
-    Training-free options for evaluation beyond the training length (1 / None: off):
-    Stuffed Mamba's mitigations of state collapse (Chen et al. 2024, Sec. 5.1; the
+    Training-free options for evaluation beyond the training length (1 / None: off).
+    Stuffed Mamba's mitigations of state collapse (Chen et al. 2024, arXiv 2410.07145v1,
+    "forget more and remember less" and "state normalization"; the delta, A and B
     multipliers of the authors' analysis code): `delta_scale` multiplies the step size
     (decay and input both), `decay_scale` multiplies A (the decay exp(delta A) alone:
     > 1 forgets more), `input_scale` multiplies B (< 1 remembers less), and `state_norm`
-    scales each channel's state `[N]` down to that L2 norm after every update (the
-    state normalization; a token-by-token scan). `decimation = (K, R)` (DeciMamba,
-    Ben-Kish et al. 2024, Sec. 4): of the first T - R tokens only the K with the largest
-    L2 norm of delta over the channels go on, in order, with the last R tokens; the
-    call returns `(y [B, K + R, d], cache, kept [B, K + R])` and the LM gathers the rest
-    of its stream (`longjax.nn.lm`). A call of at most K + R tokens (a decode step) is
-    not decimated, as in the paper, which decimates the prompt only.
+    scales each channel's state `[N]` down to that L2 norm after every update (a
+    token-by-token scan). `decimation = (K, R)` (DeciMamba, Ben-Kish et al. 2024, arXiv
+    2406.14528): of the first T - R tokens only the K with the largest L2 norm of delta
+    over the channels (the paper's "norm of delta_t", as in the authors' code) go on, in
+    order, with the last R tokens; the call returns `(y [B, K + R, d], cache, kept
+    [B, K + R])` and the LM gathers the rest of its stream (`longjax.nn.lm`). A call of
+    at most K + R tokens (a decode step) is not decimated: the paper decimates the
+    prompt only.
     """
 
     d_model: int
@@ -152,7 +154,7 @@ class MambaMixer(nn.Module):
 
 
 def decimation_indices(delta, keep: int, keep_last: int):
-    """DeciMamba's token choice (Ben-Kish et al. 2024, Sec. 4): the indices `[B, K + R]`,
+    """DeciMamba's token choice (Ben-Kish et al. 2024): the indices `[B, K + R]`,
     ascending, of the `keep` (K) tokens of `delta` `[B, T, E]` (the step sizes after
     softplus) with the largest L2 norm over the channels among the first T - R, then the
     last `keep_last` (R) tokens."""
