@@ -10,8 +10,9 @@ width 64 reaches 100% / 100% / 98.7% in about 60 CPU-seconds, and at width 16 99
 tokens where linear attention gets 34%; see `docs/results/mqar.md` for the other mixers
 and widths, with the exact commands.
 Variants: `mixer=<name or pattern>`, `preset=<hybrid>`, `d_model=...` (`mlp_dim` follows
-as 2 x d_model unless given), `num_kv_pairs=...`, `num_symbols=...`, `steps=...`, or any
-dotted field.
+as 2 x d_model unless given), `num_kv_pairs=...`, `num_symbols=...`, `jrt=True` (JRT-Prompt:
+the key-value pairs written twice before the queries, in training and evaluation rows),
+`steps=...`, or any dotted field.
 """
 
 from longjax.train.config import apply_arg, base_config, parse_arg
@@ -28,9 +29,9 @@ def get_config(arg=None):
     config.eval.update(every_steps=500, batch_size=64, num_batches=4)
     config.checkpoint.update(every_steps=1000, keep=1)
     overrides = parse_arg(arg)
-    for option in ("num_kv_pairs", "num_symbols"):
+    for option in ("num_kv_pairs", "num_symbols", "jrt"):
         if option in overrides:
-            config.data.task_options[option] = int(overrides.pop(option))
+            config.data.task_options[option] = overrides.pop(option)
     config = apply_arg(config, ",".join(f"{k}={v}" for k, v in overrides.items()))
     if not {"mlp_dim", "model.mlp_dim"} & set(overrides):
         config.model.mlp_dim = 2 * config.model.d_model

@@ -6,7 +6,9 @@ passkey retrieval versus evaluation length, under training-free extension method
 
 Lengths default to 1x .. 16x the training length. Methods (longjax.eval.methods): none,
 linear:S, ntk:S, dynamic_ntk:S, yarn:S, llama3:S (S a factor or "auto" = length / training
-length), lm_infinite, streaming, window, self_extend:G:W, logn; combine with "+". Outputs
+length), lm_infinite, streaming, window, self_extend:G:W, logn; for Mamba layers
+delta_scale:S, decay_scale:S, input_scale:S, state_norm:C (Stuffed Mamba) and
+decimation:I:K (DeciMamba, layer I keeps K tokens or "auto"); combine with "+". Outputs
 go to <workdir>/extrapolation/ (or --output_dir): results.csv, loss_per_position.csv,
 results.md and plots. A checkpoint trained on a synthetic task is evaluated per test size
 (--task_sizes) instead.
@@ -18,6 +20,9 @@ needle depth, with heatmaps (ruler.png, ruler_<task>.png) and ruler_samples.csv:
     python scripts/evaluate_lengths.py --workdir=workdirs/quickstart --lengths=256,1024 \\
         --ruler_tasks=niah_single,niah_multikey,vt,cwe --ruler_samples=5 \\
         --ruler_depths=0,0.5,1 --passkey_samples=0
+
+With --jrt every RULER prompt's context is read twice before its question (JRT-Prompt,
+Arora et al. 2024; longjax.data.tasks.jrt), so a prompt of length n holds n + its context.
 
 Launched as several processes (see scripts/train.py), every process evaluates and process
 0 writes the outputs.
@@ -77,6 +82,8 @@ _RULER_SAMPLES = flags.DEFINE_integer("ruler_samples", 5, "RULER samples per tas
                                       "and depth.")
 _RULER_DEPTHS = flags.DEFINE_list("ruler_depths", ["0", "0.25", "0.5", "0.75", "1"],
                                   "Depths in [0, 1] of the asked needle of the RULER tasks.")
+_JRT = flags.DEFINE_bool("jrt", False, "JRT-Prompt: read each RULER prompt's context twice "
+                         "before its question.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Rows (windows) per forward call.")
 _NUM_BINS = flags.DEFINE_integer("num_bins", 32, "Bins of the loss-per-position curves.")
 _BIN_SPACING = flags.DEFINE_enum("bin_spacing", "log", ["log", "linear"],
@@ -114,7 +121,7 @@ def main(argv):
             passkey_depths=_numbers(_DEPTHS, float), passkey_samples=_PASSKEY_SAMPLES.value,
             task_sizes=_numbers(_TASK_SIZES, int), task_samples=_TASK_SAMPLES.value,
             ruler_tasks=_RULER_TASKS.value, ruler_samples=_RULER_SAMPLES.value,
-            ruler_depths=_numbers(_RULER_DEPTHS, float),
+            ruler_depths=_numbers(_RULER_DEPTHS, float), jrt=_JRT.value,
             batch_size=_BATCH_SIZE.value, num_bins=_NUM_BINS.value,
             bin_spacing=_BIN_SPACING.value)
     except ValueError as e:

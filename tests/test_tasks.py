@@ -55,7 +55,7 @@ def test_mqar_is_deterministic_per_seed_and_step():
 
 
 def test_registry_lists_option_defaults():
-    assert TASKS["mqar"] == {"num_kv_pairs": 8, "num_symbols": 127}
+    assert TASKS["mqar"] == {"num_kv_pairs": 8, "num_symbols": 127, "jrt": False}
     for name in LENGTH_TASKS:
         assert TASKS[name] == {"min_length": 1, "max_length": 20}
     assert TASKS["passkey"] == {"depth": -1.0, "num_digits": 5}

@@ -26,7 +26,8 @@ For each method (`longjax.eval.methods`, applied per evaluation length) and leng
   forcing.
 - RULER-style tasks (Hsieh et al. 2024, `longjax.eval.ruler`, `ruler_tasks`): greedy
   generations scored by the share of the expected strings they hold, per length and
-  needle depth.
+  needle depth; with `jrt=True` each prompt's context is read twice (JRT-Prompt, Arora
+  et al. 2024).
 - Synthetic-task checkpoints (`config.data.source == "task"`): token accuracy and exact
   match (every answer token of a row right) per test size n (the task's `min_length` =
   `max_length` = n, at the smallest sequence length that fits it).
@@ -97,6 +98,7 @@ class Results:
     (nats) of the `count` targets at positions start .. stop - 1 of the non-overlapping
     windows.
     ruler_samples: one record per RULER sample (`longjax.eval.ruler.RECORD_FIELDS`).
+    jrt: whether the RULER prompts were read twice (JRT-Prompt).
     """
 
     workdir: str
@@ -107,6 +109,7 @@ class Results:
     rows: list[dict] = dataclasses.field(default_factory=list)
     loss_curves: list[dict] = dataclasses.field(default_factory=list)
     ruler_samples: list[dict] = dataclasses.field(default_factory=list)
+    jrt: bool = False
 
     def add(self, method: str, mode: str, length: int, metrics: dict[str, float]) -> None:
         self.rows.extend({"method": method, "mode": mode, "length": length, "metric": k,
@@ -347,19 +350,20 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
              stride=None, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_samples=5,
              task_sizes=None, task_samples=64, batch_size=4, num_bins=32, bin_spacing="log",
              ruler_tasks=(), ruler_samples=5, ruler_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-             workdir="") -> Results:
+             jrt=False, workdir="") -> Results:
     """Evaluates `checkpoint` under each method at each length (see the module doc).
 
     Text checkpoints: `lengths` (default 1x .. 16x the training length), `num_tokens`
     targets per length and mode, sliding windows of `stride` (None: half of each length;
     0: none), `passkey_samples` rows per length and depth (0: no passkey), loss
     curves of `num_bins` bins (`bin_spacing` "log" or "linear"), `ruler_samples` samples
-    of each of `ruler_tasks` per length and depth of `ruler_depths`. Task checkpoints:
+    of each of `ruler_tasks` per length and depth of `ruler_depths` (read twice with
+    `jrt`: JRT-Prompt). Task checkpoints:
     `task_sizes` (required) and `task_samples` rows per size. `batch_size`: rows per
     forward call.
     """
     results = Results(workdir=str(workdir), step=checkpoint.step,
-                      train_length=checkpoint.train_length)
+                      train_length=checkpoint.train_length, jrt=bool(jrt))
     if checkpoint.config.data.source == "task":
         _evaluate_task(checkpoint, results, methods=methods, sizes=task_sizes,
                        samples=task_samples, batch_size=batch_size)
@@ -394,7 +398,7 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
                 results.add(method, PASSKEY, n, {"accuracy": np.mean(accuracies)})
             for task in ruler_tasks if ruler_samples else ():
                 _score_ruler(results, method, n, model, checkpoint, task, depths=ruler_depths,
-                             samples=ruler_samples, batch_size=batch_size)
+                             samples=ruler_samples, batch_size=batch_size, jrt=jrt)
             logging.info("%s at length %d: %s (%.1f s)", method, n, _summary(results, method, n),
                          time.perf_counter() - tick)
     return results
@@ -423,14 +427,14 @@ def _score_text(results, method, n, model, params, passages, *, stride, num_bins
 
 
 def _score_ruler(results, method, n, model, checkpoint, task, *, depths, samples,
-                 batch_size) -> None:
+                 batch_size, jrt) -> None:
     """Adds the RULER task's accuracy at length `n` (mean, and per depth) and its samples
     to `results`; a length too short for the task is skipped with a warning."""
     try:
         records = ruler.ruler_records(
             model, checkpoint.params, checkpoint.tokenizer, task=task, length=n,
             depths=depths, samples=samples, seed=checkpoint.config.seed + EVAL_SEED_OFFSET,
-            batch_size=batch_size, method=method)
+            batch_size=batch_size, method=method, jrt=jrt)
     except TooShort as e:
         logging.warning("No %s at length %d: %s", task, n, e)
         return

@@ -19,6 +19,21 @@ parameters, so the trained parameters still load. Parts compose with `+`
 - `self_extend:G:W`: Self-Extend (Jin et al. 2024): exact RoPE positions within W tokens,
   positions grouped by G beyond.
 - `logn`: log-n query scaling beyond L (Chiang & Cholak 2022).
+
+Mamba methods set options of the Mamba mixer (`config.model.mixer_options.mamba`, see
+`longjax.nn.ssm.MambaMixer`) of every Mamba layer:
+
+- Stuffed Mamba's training-free mitigations of state collapse (Chen et al. 2024, arXiv
+  2410.07145v1): `delta_scale:S` (the step size delta times S), `decay_scale:S` (A times S: the
+  decay exp(delta A) alone, S > 1 forgets more), `input_scale:S` (B times S, S < 1
+  remembers less), `state_norm:C` (each channel's state scaled down to L2 norm C after
+  every update).
+- `decimation:I:K` (DeciMamba, Ben-Kish et al. 2024): Mamba layer I (from 0) keeps the
+  K tokens with the largest step sizes (`auto`: L - 8) and the last 8, and the layers
+  after it see only those (`config.model.decimation`); repeat it with `+` for several
+  layers. The last `DECIMATION_KEEP_LAST` tokens are always kept so the passkey's answer
+  positions are scored; dropped positions score as uniform predictions, so under
+  decimation read the passkey, RULER and task rows, not the text metrics.
 """
 
 from __future__ import annotations
@@ -37,8 +52,12 @@ from longjax.ops import positions
 # truncated basis is the `giraffe` method).
 ROPE_SCALINGS = tuple(s for s in positions.ROPE_SCALINGS
                       if s not in ("none", "longrope", "truncated"))
+MAMBA_SCALES = ("delta_scale", "decay_scale", "input_scale")
 ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "giraffe", "lm_infinite", "streaming",
-           "window", "self_extend:G:W", "logn")
+           "window", "self_extend:G:W", "logn", *(f"{s}:S" for s in MAMBA_SCALES),
+           "state_norm:C", "decimation:I:K")
+MAMBA_METHODS = (*MAMBA_SCALES, "state_norm", "decimation")
+DECIMATION_KEEP_LAST = 8
 LM_INFINITE_SINKS = 10
 STREAMING_SINKS = 4
 _OPTIONS = "config.model.mixer_options.attention"
@@ -60,6 +79,17 @@ def parse_method(method: str) -> list[tuple[str, tuple[str, ...]]]:
             if len(args) != 2 or not all(a.isdigit() and int(a) > 0 for a in args):
                 raise ValueError(f"method {method!r}: self_extend takes a group size and a "
                                  f"neighbour window, 'self_extend:G:W' with positive ints")
+        elif name in (*MAMBA_SCALES, "state_norm"):
+            if len(args) != 1:
+                raise ValueError(f"method {method!r}: {name!r} takes one number > 0, "
+                                 f"'{name}:S'")
+            _factor(method, args[0])
+        elif name == "decimation":
+            if (len(args) != 2 or not args[0].isdigit()
+                    or not (args[1] == "auto" or args[1].isdigit() and int(args[1]) > 0)):
+                raise ValueError(f"method {method!r}: decimation takes a Mamba layer index "
+                                 f"and the tokens it keeps, 'decimation:I:K' with I an int "
+                                 f">= 0 and K a positive int or 'auto'")
         elif name in ALLOWED:
             if args:
                 raise ValueError(f"method {method!r}: {name!r} takes no arguments")
@@ -76,8 +106,8 @@ def _factor(method: str, text: str) -> float:
     except ValueError:
         factor = float("nan")
     if not factor > 0:
-        raise ValueError(f"method {method!r}: the scaling factor must be a number > 0 or "
-                         f"'auto'; got {text!r}")
+        raise ValueError(f"method {method!r}: the factor must be a number > 0 (or 'auto' "
+                         f"for a RoPE scaling); got {text!r}")
     return factor
 
 
@@ -115,7 +145,7 @@ def method_overrides(method: str, *, train_length: int, eval_length: int) -> dic
             part = {"self_extend_group": int(args[0]), "self_extend_window": int(args[1])}
         elif name == "logn":
             part = {"logn_scaling": True, "train_length": L}
-        else:  # none
+        else:  # none, and the Mamba methods (`mamba_overrides`)
             part = {}
         for key, value in part.items():
             if overrides.get(key, value) != value:
@@ -123,6 +153,30 @@ def method_overrides(method: str, *, train_length: int, eval_length: int) -> dic
                                  f"{overrides[key]!r} and {value!r}")
             overrides[key] = value
     return overrides
+
+
+def mamba_overrides(method: str, *, train_length: int) -> tuple[dict[str, float], tuple]:
+    """The Mamba mixer options `method` sets, and its `config.model.decimation`
+    `((layer, K, R), ...)`; ValueError for a bad method, an option set twice, or an `auto`
+    decimation at a training length of at most `DECIMATION_KEEP_LAST` tokens."""
+    options: dict[str, float] = {}
+    decimation = {}
+    for name, args in parse_method(method):
+        if name in (*MAMBA_SCALES, "state_norm"):
+            value = _factor(method, args[0])
+            if options.get(name, value) != value:
+                raise ValueError(f"method {method!r} sets {name} twice")
+            options[name] = value
+        elif name == "decimation":
+            keep = train_length - DECIMATION_KEEP_LAST if args[1] == "auto" else int(args[1])
+            if keep < 1:
+                raise ValueError(f"method {method!r}: decimation:I:auto keeps the training "
+                                 f"length L={train_length} less the last "
+                                 f"{DECIMATION_KEEP_LAST} tokens; L is too short")
+            if decimation.setdefault(int(args[0]), keep) != keep:
+                raise ValueError(f"method {method!r} decimates layer {args[0]} twice")
+    return options, tuple((layer, keep, DECIMATION_KEEP_LAST)
+                          for layer, keep in sorted(decimation.items()))
 
 
 def apply_method(model_config, method: str, *, train_length: int,
@@ -137,6 +191,7 @@ def apply_method(model_config, method: str, *, train_length: int,
     # A deep copy: as_configdict() is the frozen dict's own ConfigDict, which may share
     # nested dicts with `model_config`.
     config = copy.deepcopy(ml_collections.FrozenConfigDict(model_config).as_configdict())
+    _apply_mamba(config, method, train_length)
     if not overrides:
         return ml_collections.FrozenConfigDict(config)
     if "attention" not in layer_mixers(config.mixer, config.num_layers):
@@ -159,3 +214,29 @@ def apply_method(model_config, method: str, *, train_length: int,
     except ValueError as e:
         raise ValueError(f"method {method!r}: {e}") from e
     return ml_collections.FrozenConfigDict(config)
+
+
+def _apply_mamba(config, method: str, train_length: int) -> None:
+    """Sets `method`'s Mamba options and decimation in `config` (a model ConfigDict);
+    ValueError naming the method when the model has no Mamba layer, a decimated layer is
+    not one, or the mixer does not take an option."""
+    options, decimation = mamba_overrides(method, train_length=train_length)
+    if not (options or decimation):
+        return
+    mixers = layer_mixers(config.mixer, config.num_layers)
+    if "mamba" not in mixers:
+        raise ValueError(f"method {method!r} changes Mamba, but the model has no mamba layer "
+                         f"(config.model.mixer={config.mixer!r})")
+    for layer, _, _ in decimation:
+        if layer >= len(mixers) or mixers[layer] != "mamba":
+            raise ValueError(f"method {method!r}: decimation needs a mamba layer; layer "
+                             f"{layer} of {list(mixers)} is not one")
+    if "mamba" not in config.mixer_options:
+        config.mixer_options.mamba = {}
+    config.mixer_options.mamba.update(options)
+    try:
+        registry.mixer_options("mamba", config)
+    except ValueError as e:
+        raise ValueError(f"method {method!r}: {e}") from e
+    if decimation:
+        config.decimation = decimation

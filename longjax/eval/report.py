@@ -99,7 +99,8 @@ def markdown(results: Results) -> str:
         lines.append(f"Task: columns are test sizes; their sequence lengths: {sizes}.")
     if results.ruler_samples:
         lines.append("RULER accuracy: the share of each sample's answers in its greedy "
-                     "generation, averaged over the samples (and needle depths).")
+                     "generation, averaged over the samples (and needle depths)"
+                     + ("; JRT-Prompt: each context read twice." if results.jrt else "."))
     metrics = dict.fromkeys(r["metric"] for r in results.rows)
     families = _depth_families(results)
     for metric in metrics:

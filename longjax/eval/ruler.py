@@ -9,13 +9,17 @@ to its results; `longjax.eval.report` draws the heatmaps).
                             depths=(0, 0.5, 1), samples=5, seed=0, batch_size=4)
 
 Each sample is generated for as many tokens as its answers take written out (", "
-between them) plus `SLACK_TOKENS`, where RULER gives each task a fixed budget.
+between them) plus `SLACK_TOKENS`, where RULER gives each task a fixed budget. With
+`jrt=True` every prompt is read twice (JRT-Prompt, `longjax.data.tasks.jrt`): its
+context repeated before the question, so a prompt of length n holds n + its context's
+tokens; the records keep n as the length.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from longjax.data.tasks.jrt import jrt_sample
 from longjax.data.tasks.ruler import DEPTH_TASKS, Sample, ruler_sample
 from longjax.generate import generate
 
@@ -37,12 +41,14 @@ def answer_tokens(tok, answers) -> int:
 
 
 def task_samples(task: str, *, length: int, depths, samples: int, seed: int,
-                 tok) -> list[Sample]:
+                 tok, jrt: bool = False) -> list[Sample]:
     """`samples` prompts of `task` at each of `depths` (once, undepthed, for the word
-    tasks): sample i of every depth shares its keys and values."""
+    tasks): sample i of every depth shares its keys and values; with `jrt` each prompt's
+    context is read twice."""
     depths = depths if task in DEPTH_TASKS else (None,)
-    return [ruler_sample(task, length=length, seed=seed, index=i, depth=depth, tok=tok)
-            for depth in depths for i in range(samples)]
+    prompts = [ruler_sample(task, length=length, seed=seed, index=i, depth=depth, tok=tok)
+               for depth in depths for i in range(samples)]
+    return [jrt_sample(s) for s in prompts] if jrt else prompts
 
 
 def generations(model, params, tok, prompts, *, max_new_tokens: int,
@@ -61,12 +67,13 @@ def generations(model, params, tok, prompts, *, max_new_tokens: int,
 
 
 def ruler_records(model, params, tok, *, task: str, length: int, depths, samples: int,
-                  seed: int, batch_size: int, method: str = "none") -> list[dict]:
+                  seed: int, batch_size: int, method: str = "none",
+                  jrt: bool = False) -> list[dict]:
     """One record per sample of `task_samples`: `RECORD_FIELDS` (depth "" for the word
     tasks; answers joined by "|"). Raises `longjax.data.tasks.ruler.TooShort` when the
     length does not hold the task."""
     prompts = task_samples(task, length=length, depths=depths, samples=samples, seed=seed,
-                           tok=tok)
+                           tok=tok, jrt=jrt)
     budget = max(answer_tokens(tok, s.answers) for s in prompts)
     texts = generations(model, params, tok, [s.tokens for s in prompts],
                         max_new_tokens=budget, batch_size=batch_size)

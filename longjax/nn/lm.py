@@ -7,9 +7,16 @@ Options beyond longjax's own defaults (they express the Hugging Face families th
 `scale_embeddings` (embeddings times sqrt(d_model), Gemma), `scale_tied_logits` (tied
 logits divided by sqrt(d_model); on by default, off for imported checkpoints) and
 `final_logit_softcap` (logits `c tanh(logits / c)`, Gemma 2).
+
+`decimation` (an evaluation method, `longjax.eval.methods`): `((layer, K, R), ...)`
+decimates those Mamba layers as DeciMamba does (Ben-Kish et al. 2024; `MambaMixer`):
+from that layer on the stream holds only the tokens it kept, and the logits of the
+dropped tokens come back as zeros (uniform), so only the kept positions are scored.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -33,9 +40,12 @@ class Block(nn.Module):
 
     model: ml_collections.FrozenConfigDict
     mixer_name: str
+    decimation: tuple[int, int] | None = None  # (K, R) of a decimating Mamba layer
 
     @nn.compact
     def __call__(self, x, segment_ids, positions, cache):
+        """`(x, cache)`, and with `decimation` also the kept token indices (None when the
+        call was short enough to keep every token)."""
         cfg = self.model
         dtype = jnp.dtype(cfg.dtype)
         post_norms = cfg.get("post_norms", False)
@@ -43,15 +53,19 @@ class Block(nn.Module):
         def norm(name):
             return RMSNorm(cfg.norm_eps, dtype, name=name)
 
-        mixer = build_mixer(self.mixer_name, cfg, name="mixer")
-        h, cache = mixer(norm("mixer_norm")(x), segment_ids=segment_ids, positions=positions,
-                         cache=cache)
+        extra = {} if self.decimation is None else {"decimation": self.decimation}
+        mixer = build_mixer(self.mixer_name, cfg, name="mixer", **extra)
+        h, cache, *kept = mixer(norm("mixer_norm")(x), segment_ids=segment_ids,
+                                positions=positions, cache=cache)
+        if kept and kept[0] is not None:
+            x = jnp.take_along_axis(x, kept[0][..., None], axis=1)
         x = x + (norm("mixer_post_norm")(h) if post_norms else h)
         mlp = cfg.get("mlp", "swiglu")
         if mlp != "none":
             h = GatedMLP(cfg.mlp_dim, dtype, mlp, name="mlp")(norm("mlp_norm")(x))
             x = x + (norm("mlp_post_norm")(h) if post_norms else h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, cache) if self.decimation is None else (x, cache, kept[0])
 
 
 class DecoderLM(nn.Module):
@@ -110,10 +124,17 @@ class DecoderLM(nn.Module):
                                       name="position_embedding")(positions).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+        decimation = self.decimation()
+        index = None  # the input position of each stream position, once decimated
         new_cache = []
         for i, name in enumerate(self.layer_mixers()):
-            x, layer_cache = block_cls(cfg, name, name=f"layer_{i}")(
+            x, layer_cache, *kept = block_cls(cfg, name, decimation.get(i), name=f"layer_{i}")(
                 x, segment_ids, positions, None if cache is None else cache[i])
+            if kept and kept[0] is not None:
+                take = functools.partial(jnp.take_along_axis, indices=kept[0], axis=1)
+                segment_ids, positions = (None if v is None else take(v)
+                                          for v in (segment_ids, positions))
+                index = kept[0] if index is None else take(index)
             new_cache.append(layer_cache)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -126,6 +147,22 @@ class DecoderLM(nn.Module):
         softcap = cfg.get("final_logit_softcap", None)
         if softcap:
             logits = softcap * jnp.tanh(logits / softcap)
+        if index is not None:
+            rows = jnp.arange(tokens.shape[0])[:, None]
+            logits = jnp.zeros(tokens.shape + logits.shape[-1:], logits.dtype).at[
+                rows, index].set(logits)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, None if cache is None else tuple(new_cache)
+
+    def decimation(self) -> dict[int, tuple[int, int]]:
+        """`{layer: (K, R)}` from `model.decimation`; ValueError unless each is a Mamba
+        layer."""
+        out = {}
+        mixers = self.layer_mixers()
+        for layer, keep, keep_last in self.model.get("decimation", None) or ():
+            if not 0 <= layer < len(mixers) or mixers[layer] != "mamba":
+                raise ValueError(f"config.model.decimation: layer {layer} must be a mamba "
+                                 f"layer; the layers are {list(mixers)}")
+            out[layer] = (int(keep), int(keep_last))
+        return out
 

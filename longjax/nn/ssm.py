@@ -73,6 +73,21 @@ class MambaMixer(nn.Module):
     with input-dependent `dt, B, C` (the selective scan), S4D-Real `A`, `D = 1`.
 
     Cache: `{"ssm": [B, E, N] fp32, "conv": ShortConv cache, "segment": [B]}`, E = expand d.
+
+    Training-free options for evaluation beyond the training length (1 / None: off).
+    Stuffed Mamba's mitigations of state collapse (Chen et al. 2024, arXiv 2410.07145v1,
+    "forget more and remember less" and "state normalization"; the delta, A and B
+    multipliers of the authors' analysis code): `delta_scale` multiplies the step size
+    (decay and input both), `decay_scale` multiplies A (the decay exp(delta A) alone:
+    > 1 forgets more), `input_scale` multiplies B (< 1 remembers less), and `state_norm`
+    scales each channel's state `[N]` down to that L2 norm after every update (a
+    token-by-token scan). `decimation = (K, R)` (DeciMamba, Ben-Kish et al. 2024, arXiv
+    2406.14528): of the first T - R tokens only the K with the largest L2 norm of delta
+    over the channels (the paper's "norm of delta_t", as in the authors' code) go on, in
+    order, with the last R tokens; the call returns `(y [B, K + R, d], cache, kept
+    [B, K + R])` and the LM gathers the rest of its stream (`longjax.nn.lm`). A call of
+    at most K + R tokens (a decode step) is not decimated: the paper decimates the
+    prompt only.
     """
 
     d_model: int
@@ -84,6 +99,11 @@ class MambaMixer(nn.Module):
     dt_max: float = 1e-1
     impl: str = "auto"
     chunk_size: int | None = None
+    delta_scale: float = 1.0
+    decay_scale: float = 1.0
+    input_scale: float = 1.0
+    state_norm: float | None = None
+    decimation: tuple[int, int] | None = None
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -97,6 +117,7 @@ class MambaMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+        _check_eval_options(self)
         B, T, _ = x.shape
         E, N = self.inner, self.d_state
         rank = math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
@@ -113,15 +134,54 @@ class MambaMixer(nn.Module):
         A_log = _param(self, "A_log", lambda k, s, d=jnp.float32: jnp.log(
             jnp.broadcast_to(jnp.arange(1, N + 1, dtype=d), s)), (E, N), ("mlp", "ssm_state"))
         D = _param(self, "D", nn.initializers.ones, (E,), ("mlp",))
+        delta = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias) * self.delta_scale
+        kept = None
+        if self.decimation is not None and T > sum(self.decimation):
+            kept = decimation_indices(delta, *self.decimation)
+            u, delta, Bm, Cm, z, seg = (jnp.take_along_axis(
+                v, kept.reshape(kept.shape + (1,) * (v.ndim - 2)), axis=1)
+                for v in (u, delta, Bm, Cm, z, seg))
+            segment_ids = None if segment_ids is None else seg
         initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
         y, state = recurrent.selective_scan(
-            u, dt, -jnp.exp(A_log), Bm, Cm, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
+            u, delta, -jnp.exp(A_log) * self.decay_scale, Bm * self.input_scale, Cm, D=D, z=z,
             initial_state=initial, return_final_state=True, segment_ids=segment_ids,
-            impl=_step_impl(self.impl, cache, T), chunk_size=self.chunk_size)
+            impl=_step_impl(self.impl, cache, T), chunk_size=self.chunk_size,
+            **({} if self.state_norm is None else {"state_norm": self.state_norm}))
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)
         if cache is not None:
             cache = {"ssm": state, "conv": conv_cache, "segment": seg[:, -1]}
-        return out, cache
+        return (out, cache) if self.decimation is None else (out, cache, kept)
+
+
+def decimation_indices(delta, keep: int, keep_last: int):
+    """DeciMamba's token choice (Ben-Kish et al. 2024): the indices `[B, K + R]`,
+    ascending, of the `keep` (K) tokens of `delta` `[B, T, E]` (the step sizes after
+    softplus) with the largest L2 norm over the channels among the first T - R, then the
+    last `keep_last` (R) tokens."""
+    T = delta.shape[1]
+    score = jnp.sqrt(jnp.sum(jnp.square(delta[:, :T - keep_last]), axis=-1))
+    _, top = jax.lax.top_k(score, keep)
+    last = jnp.broadcast_to(jnp.arange(T - keep_last, T), (delta.shape[0], keep_last))
+    return jnp.concatenate([jnp.sort(top, axis=-1), last], axis=-1).astype(jnp.int32)
+
+
+def _check_eval_options(mixer) -> None:
+    """ValueError naming the Mamba evaluation option that is out of range."""
+    where = "config.model.mixer_options.mamba"
+    for name in ("delta_scale", "decay_scale", "input_scale"):
+        value = getattr(mixer, name)
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{where}.{name} must be a number > 0 (1: off); got {value!r}")
+    if mixer.state_norm is not None and not (isinstance(mixer.state_norm, (int, float))
+                                             and mixer.state_norm > 0):
+        raise ValueError(f"{where}.state_norm must be a number > 0 or None (off); got "
+                         f"{mixer.state_norm!r}")
+    d = mixer.decimation
+    if d is not None and not (len(d) == 2 and all(isinstance(v, int) for v in d)
+                              and d[0] >= 1 and d[1] >= 0):
+        raise ValueError(f"MambaMixer.decimation must be None or (tokens kept >= 1, last "
+                         f"tokens always kept >= 0); got {d!r}")
 
 
 class Mamba2Mixer(nn.Module):

@@ -52,14 +52,19 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids, impl
             raise ValueError(f"selective_scan: {name} must have shape {shape}; got {x.shape}")
 
 
-def _reference_core(u, delta, A, B, C, keep, h0):
+def _reference_core(u, delta, A, B, C, keep, h0, state_norm=None):
     """Grouped layout: u, delta `[B, T, G, E]`, A `[G, E, N]`, B, C `[B, T, G, N]`, keep
-    `[B, T]`, h0 `[B, G, E, N]`. Returns `C_t h_t` `[B, T, G, E]` and the last state."""
+    `[B, T]`, h0 `[B, G, E, N]`. Returns `C_t h_t` `[B, T, G, E]` and the last state.
+    `state_norm`: after each update, each channel's state `[N]` is scaled down to that
+    L2 norm where it is larger."""
 
     def step(h, xs):
         u_t, dt_t, B_t, C_t, keep_t = xs
         a = jnp.exp(dt_t[..., None] * A) * keep_t[:, None, None, None]
         h = a * h + (dt_t * u_t)[..., None] * B_t[:, :, None, :]
+        if state_norm is not None:
+            norm = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
+            h = h * jnp.minimum(1.0, state_norm / jnp.maximum(norm, 1e-30))
         return h, jnp.einsum("bgen,bgn->bge", h, C_t)
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, delta, B, C, keep))
@@ -212,7 +217,7 @@ def finish(y, u, D, z):
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False, *, segment_ids=None,
-                   impl="auto", chunk_size=None):
+                   impl="auto", chunk_size=None, state_norm=None):
     """The selective scan of Mamba (see the module docstring).
 
     Args:
@@ -227,17 +232,28 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       impl: "reference", "xla", "pallas", "pallas_interpret" or "auto" (resolved per
         lowering platform by `longjax.ops.impl`).
       chunk_size: tokens per saved state in "xla" (default 32) and the Pallas kernels.
+      state_norm: a number > 0, or None. After each update every channel's state `[N]`
+        whose L2 norm exceeds it is scaled down to it (Stuffed Mamba's state
+        normalization, Chen et al. 2024): no longer a linear recurrence, so it runs
+        token by token (the reference scan) whatever `impl`.
 
     Returns:
       y `[B, T, D]` in u's dtype, and the final state when asked.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids, impl)
+    if state_norm is not None and not (isinstance(state_norm, (int, float))
+                                       and state_norm > 0):
+        raise ValueError(f"selective_scan: state_norm must be a number > 0 or None; got "
+                         f"{state_norm!r}")
     Bsz, T, Dch = u.shape
     u_g, dt_g, A_g, B_g, C_g, h0 = prepare(u, delta, A, B, C, delta_bias, delta_softplus,
                                            initial_state)
     keep = (jnp.ones((Bsz, T), jnp.float32) if segment_ids is None
             else segment_keep(segment_ids))
-    y, h_last = impl_lib.run("selective_scan", impl, lambda name: selective_scan_core(
-        u_g, dt_g, A_g, B_g, C_g, keep=keep, h0=h0, impl=name, chunk_size=chunk_size))
+    if state_norm is not None:
+        y, h_last = _reference_core(u_g, dt_g, A_g, B_g, C_g, keep, h0, float(state_norm))
+    else:
+        y, h_last = impl_lib.run("selective_scan", impl, lambda name: selective_scan_core(
+            u_g, dt_g, A_g, B_g, C_g, keep=keep, h0=h0, impl=name, chunk_size=chunk_size))
     y = finish(y.reshape(Bsz, T, Dch), u, D, z)
     return (y, h_last.reshape(Bsz, Dch, -1)) if return_final_state else y

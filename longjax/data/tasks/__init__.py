@@ -16,7 +16,11 @@ that fits the task's largest instance.
   from the `num_symbols` ids [1, 1 + S), values from [128, 128 + S)); every key then
   appears once more, at a random two-token slot of the rest of the sequence followed by
   its value, and the model must predict that value from the key. Other tokens are 0.
-  (Zoology draws the query gaps from a power law; here the slots are uniform.)
+  (Zoology draws the query gaps from a power law; here the slots are uniform.) With
+  `jrt=True` (JRT-Prompt, Arora et al. 2024, `longjax.data.tasks.jrt`) the `2 *
+  num_kv_pairs` context tokens are written twice before the queries: the row is the
+  row of `seq_len - 2 * num_kv_pairs` tokens the same draws give without it, its
+  context repeated.
 
 Length-generalization tasks (Kazemnejad et al. 2023, "The Impact of Positional Encoding
 on Length Generalization in Transformers", Sec. 3 and App. C): one instance per row,
@@ -57,6 +61,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from longjax.data.tasks import jrt as jrt_lib
 from longjax.data.tokenizer import PAD
 
 _MAX_SYMBOLS = 127
@@ -83,13 +88,17 @@ def _ascii(text: str) -> np.ndarray:
 
 # --- MQAR (Arora et al. 2023) ---------------------------------------------------------
 
-def _mqar_seq_len(num_kv_pairs, num_symbols):
+def _mqar_seq_len(num_kv_pairs, num_symbols, jrt):
     if not _is_int(num_symbols) or not 1 <= num_symbols <= _MAX_SYMBOLS:
         raise ValueError(f"mqar: task_options.num_symbols must be an int in "
                          f"[1, {_MAX_SYMBOLS}]; got {num_symbols!r}")
     if not _is_int(num_kv_pairs) or not 1 <= num_kv_pairs <= num_symbols:
         raise ValueError(f"mqar: task_options.num_kv_pairs must be an int in "
                          f"[1, num_symbols={num_symbols}]; got {num_kv_pairs!r}")
+    if not isinstance(jrt, bool):
+        raise ValueError(f"mqar: task_options.jrt must be True or False; got {jrt!r}")
+    if jrt:
+        return 6 * num_kv_pairs, f"num_kv_pairs={num_kv_pairs} read twice (jrt)"
     return 4 * num_kv_pairs, f"num_kv_pairs={num_kv_pairs}"
 
 
@@ -107,8 +116,11 @@ def _mqar_row(rng, seq_len, num_kv_pairs, num_symbols):
     return tokens, weights
 
 
-def _mqar(rng, batch_size, seq_len, num_kv_pairs, num_symbols):
-    rows = [_mqar_row(rng, seq_len, num_kv_pairs, num_symbols) for _ in range(batch_size)]
+def _mqar(rng, batch_size, seq_len, num_kv_pairs, num_symbols, jrt):
+    context = 2 * num_kv_pairs if jrt else 0
+    rows = [[jrt_lib.repeat_context(a, 0, context) if jrt else a
+             for a in _mqar_row(rng, seq_len - context, num_kv_pairs, num_symbols)]
+            for _ in range(batch_size)]
     tokens = np.stack([r[0] for r in rows])
     return tokens, np.stack([r[1] for r in rows]), np.ones_like(tokens)
 
@@ -248,7 +260,8 @@ def _passkey(rng, batch_size, seq_len, depth, num_digits, encode=_ascii):
 
 # A task's position here seeds its random stream: add new tasks at the end.
 _SPECS: dict[str, _Task] = {
-    "mqar": _Task({"num_kv_pairs": 8, "num_symbols": _MAX_SYMBOLS}, _mqar_seq_len, _mqar),
+    "mqar": _Task({"num_kv_pairs": 8, "num_symbols": _MAX_SYMBOLS, "jrt": False},
+                  _mqar_seq_len, _mqar),
     **{f.__name__[1:]: _length_spec(f)
        for f in (_copy, _reverse, _addition, _parity, _sorting, _summation)},
     "passkey": _Task({"depth": -1.0, "num_digits": 5}, _passkey_seq_len, _passkey),

@@ -79,8 +79,10 @@ class TooShort(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One prompt: `tokens` `[length]` int32, the `answers` a right generation holds, the
-    asked needle's `depth` (None for the word tasks), and each inserted needle's text,
-    depth and the token index where it starts."""
+    asked needle's `depth` (None for the word tasks), each inserted needle's text, depth
+    and the token index where it starts, and the `[start, stop)` token span of the
+    context (the haystack or word list with its needles and the filling spaces, between
+    the instruction and the question; `longjax.data.tasks.jrt` repeats it)."""
 
     task: str
     tokens: np.ndarray
@@ -89,6 +91,7 @@ class Sample:
     needles: tuple[str, ...] = ()
     needle_depths: tuple[float, ...] = ()
     needle_positions: tuple[int, ...] = ()
+    context_span: tuple[int, int] = (0, 0)
 
 
 class _Draft(NamedTuple):
@@ -363,4 +366,5 @@ def ruler_sample(task: str, *, length: int, seed: int, index: int = 0,
                              question]).astype(np.int32)
     start = len(head) + len(prefix)
     return Sample(task, tokens, draft.answers, depth if draft.needles else None,
-                  draft.needles, draft.depths, tuple(int(p) + start for p in positions))
+                  draft.needles, draft.depths, tuple(int(p) + start for p in positions),
+                  (start, start + room))
