@@ -253,8 +253,17 @@ def zipf_counts(scale: int, num_ranks: int, alpha: float) -> np.ndarray:
                     ).astype(np.int64)
 
 
+def _ranked_words(rng, tok, top, num_ranks: int) -> Units:
+    """`top`, then distinct other pseudo-words, `num_ranks` words in all (fewer if the
+    pseudo-words run out), " word" each: every rank a Zipf count can reach is a word."""
+    count = min(num_ranks + len(top), NUM_PSEUDO_WORDS)
+    others = [w for w in pseudo_words(rng, count) if w not in set(top)]
+    return encode_units(tok, [" " + w for w in [*top, *others][:num_ranks]])
+
+
 def _fwe_context(rng, tok, top, alpha, room):
-    units = _word_units(rng, tok, top, int(room ** (1 / alpha)) + 1, 1)
+    # floor(scale r^-alpha) >= 1 needs r <= scale^(1/alpha), and scale <= room
+    units = _ranked_words(rng, tok, top, int(room ** (1 / alpha)) + 1)
     ranks, k = len(units.lengths), len(top)
 
     def cost(scale):
