@@ -319,7 +319,7 @@ def test_bad_methods_are_named(method, match):
     ({"stride": 17}, r"stride=17 must be in \[0, the shortest length 16\]"),
     ({"methods": ()}, "methods is empty"),
     ({"passkey_depths": (0.5, 2)}, r"passkey depths must be in \[0, 1\]"),
-    ({"methods": ("none", "ntk:0")}, "scaling factor must be a number > 0"),
+    ({"methods": ("none", "ntk:0")}, r"method .ntk:0.: the factor must be a number > 0"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     """Checked before any data is read or model run (the checkpoint has no parameters)."""

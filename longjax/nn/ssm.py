@@ -357,7 +357,8 @@ class S4Mixer(nn.Module):
         return out, cache
 
 
-@register_mixer("mamba", module=MambaMixer)
+# decimation is set per layer by the LM from config.model.decimation, not a mixer option
+@register_mixer("mamba", module=MambaMixer, from_model=("decimation",))
 def build_mamba(model, options, **module_kwargs):
     return MambaMixer(d_model=model.d_model, dtype=jnp.dtype(model.dtype), **options,
                       **module_kwargs)
