@@ -7,16 +7,26 @@ Options beyond longjax's own defaults (they express the Hugging Face families th
 `scale_embeddings` (embeddings times sqrt(d_model), Gemma), `scale_tied_logits` (tied
 logits divided by sqrt(d_model); on by default, off for imported checkpoints) and
 `final_logit_softcap` (logits `c tanh(logits / c)`, Gemma 2).
+
+`scan_layers` (off by default) runs the layers as one `flax.linen.scan` over the
+repeats of the mixer pattern's cycle (`Cycle`: one block per mixer of the cycle), as
+MaxText does: the compiled program holds one cycle whatever the depth, so compiling a
+deep model for a TPU slice takes the time of a shallow one. The parameters then live
+under `layers/block_<j>` (j the position in the cycle) with a leading axis of
+`num_layers / cycle` repeats, whose logical name `layers` is replicated
+(`longjax.parallel.mesh.LOGICAL_RULES`); layer `r * cycle + j` of the unrolled model is
+repeat `r` of `block_<j>`. Remat, when on, wraps each block as in the unrolled model.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from longjax.nn.layers import GatedMLP, RMSNorm, dense
-from longjax.nn.pattern import layer_mixers
+from longjax.nn.pattern import expand_pattern, layer_mixers
 from longjax.nn.position_bias import AbsolutePositions
 from longjax.nn.registry import build_mixer
 
@@ -47,6 +57,41 @@ class Block(nn.Module):
             h = GatedMLP(cfg.mlp_dim, dtype, mlp, name="mlp")(norm("mlp_norm")(x))
             x = x + (norm("mlp_post_norm")(h) if post_norms else h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+
+
+def _block_cls(cfg):
+    return nn.remat(Block, static_argnums=()) if cfg.remat else Block
+
+
+class Cycle(nn.Module):
+    """One cycle of the mixer pattern: a block per name of `mixer_names`, in order; the
+    carry of `DecoderLM`'s layer scan (`cache` is a tuple with one entry per block)."""
+
+    model: ml_collections.FrozenConfigDict
+    mixer_names: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions, cache):
+        block_cls = _block_cls(self.model)
+        new_cache = []
+        for j, name in enumerate(self.mixer_names):
+            x, block_cache = block_cls(self.model, name, name=f"block_{j}")(
+                x, segment_ids, positions, None if cache is None else cache[j])
+            new_cache.append(block_cache)
+        return x, None if cache is None else tuple(new_cache)
+
+
+def _stack_cycles(per_layer, cycle):
+    """Per-layer entries `(l_0, ..., l_{L-1})` -> per cycle position j the entries of
+    layers j, j + cycle, ... stacked on a leading axis (the layer scan's input)."""
+    return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer[j::cycle])
+                 for j in range(cycle))
+
+
+def _unstack_cycles(stacked, cycle, repeats):
+    """The inverse of `_stack_cycles`: back to one entry per layer, in layer order."""
+    return tuple(jax.tree.map(lambda x, r=r: x[r], stacked[i % cycle])
+                 for r in range(repeats) for i in range(r * cycle, (r + 1) * cycle))
 
 
 class DecoderLM(nn.Module):
@@ -97,12 +142,14 @@ class DecoderLM(nn.Module):
             x = x + AbsolutePositions(kind, cfg.d_model, cfg.get("max_position", 0),
                                       name="position_embedding")(positions).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
-        new_cache = []
-        for i, name in enumerate(self.layer_mixers()):
-            x, layer_cache = block_cls(cfg, name, name=f"layer_{i}")(
-                x, segment_ids, positions, None if cache is None else cache[i])
-            new_cache.append(layer_cache)
+        if cfg.get("scan_layers", False):
+            x, new_cache = self._scanned_layers(x, segment_ids, positions, cache)
+        else:
+            new_cache = []
+            for i, name in enumerate(self.layer_mixers()):
+                x, layer_cache = _block_cls(cfg)(cfg, name, name=f"layer_{i}")(
+                    x, segment_ids, positions, None if cache is None else cache[i])
+                new_cache.append(layer_cache)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -116,4 +163,17 @@ class DecoderLM(nn.Module):
             logits = softcap * jnp.tanh(logits / softcap)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, None if cache is None else tuple(new_cache)
+
+    def _scanned_layers(self, x, segment_ids, positions, cache):
+        """The layers as a scan over the pattern cycle's repeats (`model.scan_layers`)."""
+        names = tuple(expand_pattern(self.model.mixer))
+        cycle, repeats = len(names), len(self.layer_mixers()) // len(names)
+        layers = nn.scan(
+            Cycle, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0), length=repeats,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(self.model, names, name="layers")
+        stacked = None if cache is None else _stack_cycles(cache, cycle)
+        x, stacked = layers(x, segment_ids, positions, stacked)
+        return x, None if cache is None else _unstack_cycles(stacked, cycle, repeats)
 

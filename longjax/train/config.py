@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tied logits divided by sqrt(d_model), final logit soft-cap.
         mlp="swiglu", post_norms=False, scale_embeddings=False, scale_tied_logits=True,
         final_logit_softcap=config_dict.placeholder(float),
+        # One flax scan over the repeats of the mixer pattern's cycle instead of unrolled
+        # layers (longjax.nn.lm): compile time independent of depth; parameters stacked.
+        scan_layers=False,
     ))
     c.model.mixer_options = ml_collections.ConfigDict({
         name: {k: _option_value(v) for k, v in registry.mixer_defaults(name).items()}
