@@ -98,6 +98,9 @@ def with_hf_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     `config.data.tokenizer` unless one is set; unchanged when `config.init.hf` is ""."""
     if not config.init.hf:
         return config
+    if config.model.scan_layers:
+        raise ValueError("config.init.hf reads unrolled layers; config.model.scan_layers "
+                         "must be False")
     from longjax import hf  # longjax.hf builds on this module's base_config
 
     config = ml_collections.ConfigDict(config.to_dict())
