@@ -132,3 +132,15 @@ def test_scanned_layers_keep_each_layers_sharding_with_the_layer_axis_replicated
 
 def assert_spec(got, want):
     assert tuple(got) + (None,) * (len(want) - len(got)) == tuple(want), (got, want)
+
+
+def test_scanned_layers_refuse_hugging_face_checkpoints():
+    from longjax.hf.config import hf_config
+    from longjax.train.config import with_hf_init
+
+    config = load_config_file(f"{REPO}/configs/quickstart.py:{TINY},model.scan_layers=True")
+    with pytest.raises(ValueError, match="scan_layers=True stacks the layers"):
+        hf_config(config.model)
+    config.init.hf = "any/checkpoint"
+    with pytest.raises(ValueError, match="config.model.scan_layers must be False"):
+        with_hf_init(config)
