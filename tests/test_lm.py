@@ -105,13 +105,15 @@ def test_scanned_layers_equal_unrolled_layers_loss_grads_and_cache():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5),
                  _unrolled(got_grads), want_grads)
-    # a cached prefill keeps the per-layer cache tuple of the unrolled model
-    want, want_cache = jax.jit(unrolled.apply)({"params": params}, tokens,
-                                               cache=unrolled.init_cache(2, 12))
-    got, got_cache = jax.jit(scanned.apply)({"params": stacked}, tokens,
-                                            cache=scanned.init_cache(2, 12))
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5), got_cache, want_cache)
+    # prefill then one decode step: the per-layer cache tuple of the unrolled model
+    for lm, p in ((unrolled, params), (scanned, stacked)):
+        apply = jax.jit(lm.apply)
+        logits, cache = apply({"params": p}, tokens[:, :8], cache=lm.init_cache(2, 12))
+        step, cache = apply({"params": p}, tokens[:, 8:], cache=cache)
+        if lm is unrolled:
+            want = (logits, step, cache)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5),
+                 (logits, step, cache), want)
 
 
 def test_scanned_layers_keep_each_layers_sharding_with_the_layer_axis_replicated():
