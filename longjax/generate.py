@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 
 from longjax.data import tokenizer
 from longjax.train import stages as stages_lib
+from longjax.train.initial_state import initial_carry
 from longjax.train.optimizer import make_optimizer
 from longjax.train.state import TrainState, build_model
 
@@ -252,7 +253,8 @@ def load_model(workdir):
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
     params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                          opt_state=jax.eval_shape(make_optimizer(config.train).init, params))
+                          opt_state=jax.eval_shape(make_optimizer(config.train).init, params),
+                          carry=jax.eval_shape(lambda: initial_carry(config, model)))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             abstract)
     restored = manager.restore(step, args=ocp.args.Composite(

@@ -15,12 +15,15 @@ is appended to `--results` with the machine and date.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from longjax.benchmarking import append_results, fwd_bwd, heading, machine, measure
+from longjax.ops import cpu_rewrites
 from longjax.ops import linear_attention as la
 from longjax.ops.attention import dot_product_attention
 
@@ -33,6 +36,8 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 4, "Heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Key and value head dimension.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+_PORTABLE = flags.DEFINE_bool("portable", False, "Time the portable forms of the xla paths "
+                               "(longjax.ops.cpu_rewrites off): what GPU and TPU lower.")
 _RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "File to append to.")
 _SECTION = "## Linear attention and gated recurrences (`scripts/bench_linear.py`)"
 
@@ -74,6 +79,14 @@ def main(argv):
     cases = [(op, impl) for op in _OPS.value for impl in _IMPLS.value]
     if _ATTENTION.value:
         cases.append(("attention", "xla"))
+    with cpu_rewrites.portable() if _PORTABLE.value else contextlib.nullcontext():
+        results = _run(cases, B, H, D)
+    text = _report(results, B, H, D)
+    print(text)
+    append_results(_RESULTS.value, _SECTION, text)
+
+
+def _run(cases, B, H, D):
     results = {}
     for T in (int(n) for n in _LENGTHS.value):
         x = _inputs(B, T, H, D, seed=T)
@@ -85,9 +98,7 @@ def main(argv):
             results[op, impl, T] = (fwd_t, bwd_t, fwd_mem, bwd_mem)
             print(f"{op} {impl} T={T}: fwd {fwd_t:.4f}s fwd+bwd {bwd_t:.4f}s "
                   f"peak {fwd_mem:.0f}/{bwd_mem:.0f} MiB", flush=True)
-    text = _report(results, B, H, D)
-    print(text)
-    append_results(_RESULTS.value, _SECTION, text)
+    return results
 
 
 def _report(results, B, H, D):
@@ -97,7 +108,9 @@ def _report(results, B, H, D):
         "",
         f"Machine: {machine()}. B={B}, H={H}, Dk=Dv={D}, float32, "
         "default chunk size 64. Seconds (median), peak MiB from "
-        "`compile().memory_analysis()`.",
+        "`compile().memory_analysis()`."
+        + (" Portable forms (`--portable`: `longjax.ops.cpu_rewrites` off)."
+           if _PORTABLE.value else ""),
         "",
         "| op | impl | T | fwd s | fwd+bwd s | fwd peak MiB | fwd+bwd peak MiB |",
         "|---|---|---|---|---|---|---|",

@@ -16,6 +16,7 @@ machine and date, followed by the fwd+bwd speed-up of each impl over "reference"
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from longjax.benchmarking import append_results, fwd_bwd, heading, machine, measure
+from longjax.ops import cpu_rewrites
 from longjax.ops.selective_scan import selective_scan
 from longjax.ops.ssd import ssd
 
@@ -35,6 +37,8 @@ _CHANNELS = flags.DEFINE_list("channels", ["128"], "Channels D (selective scan) 
 _STATE = flags.DEFINE_integer("state", 16, "State size N.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+_PORTABLE = flags.DEFINE_bool("portable", False, "Time the portable forms of the xla paths "
+                               "(longjax.ops.cpu_rewrites off): what GPU and TPU lower.")
 _RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "File to append to.")
 _SECTION = "## SSM scans (`scripts/bench_scan.py`)"
 
@@ -63,6 +67,14 @@ def _op(op, impl):
 
 def main(argv):
     del argv
+    with cpu_rewrites.portable() if _PORTABLE.value else contextlib.nullcontext():
+        rows = _run()
+    table = _table(rows)
+    print(table)
+    append_results(_RESULTS.value, _SECTION, table)
+
+
+def _run():
     rows = []
     for op, D, T in itertools.product(_OPS.value, (int(d) for d in _CHANNELS.value),
                                       (int(n) for n in _LENGTHS.value)):
@@ -75,9 +87,7 @@ def main(argv):
                        bwd_mem=bwd_mem)
             rows.append(row)
             print(_format_row(row), flush=True)
-    table = _table(rows)
-    print(table)
-    append_results(_RESULTS.value, _SECTION, table)
+    return rows
 
 
 def _format_row(r):
@@ -101,7 +111,9 @@ def _table(rows):
         f"Machine: {machine()}. Shapes: B={_BATCH.value}, channels D as listed, "
         f"state={_STATE.value}, {_DTYPE.value} (SSD: D / 64 heads of 64, chunk 64). "
         f"Time in seconds (median of "
-        f"{_REPEATS.value}); peak memory from `compile().memory_analysis()` in MiB.",
+        f"{_REPEATS.value}); peak memory from `compile().memory_analysis()` in MiB."
+        + (" Portable forms (`--portable`: `longjax.ops.cpu_rewrites` off)."
+           if _PORTABLE.value else ""),
         "",
         "| op | impl | D | T | fwd s | fwd+bwd s | fwd peak MiB | fwd+bwd peak MiB | "
         "fwd+bwd KiB / token |",

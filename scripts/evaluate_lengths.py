@@ -9,8 +9,18 @@ linear:S, ntk:S, dynamic_ntk:S, yarn:S, llama3:S (S a factor or "auto" = length 
 length), lm_infinite, streaming, window, self_extend:G:W, logn; combine with "+". Outputs
 go to <workdir>/extrapolation/ (or --output_dir): results.csv, loss_per_position.csv,
 results.md and plots. A checkpoint trained on a synthetic task is evaluated per test size
-(--task_sizes) instead. Launched as several processes (see scripts/train.py), every
-process evaluates and process 0 writes the outputs.
+(--task_sizes) instead.
+
+RULER-style tasks (longjax.data.tasks.ruler: niah_single, niah_multikey, niah_multivalue,
+niah_multiquery, vt, cwe, fwe) are generated greedily and scored at every length and
+needle depth, with heatmaps (ruler.png, ruler_<task>.png) and ruler_samples.csv:
+
+    python scripts/evaluate_lengths.py --workdir=workdirs/quickstart --lengths=256,1024 \\
+        --ruler_tasks=niah_single,niah_multikey,vt,cwe --ruler_samples=5 \\
+        --ruler_depths=0,0.5,1 --passkey_samples=0
+
+Launched as several processes (see scripts/train.py), every process evaluates and process
+0 writes the outputs.
 
 A Hugging Face checkpoint directory (`--hf`, read by longjax.hf) is evaluated the same
 way on the default corpus (or `--data_path`'s text files) in its own tokens
@@ -61,6 +71,12 @@ _TASK_SIZES = flags.DEFINE_list(
     "task; it is scored at each (min_length = max_length = n).")
 flags.DEFINE_alias("tasks_sizes", "task_sizes")
 _TASK_SAMPLES = flags.DEFINE_integer("task_samples", 64, "Task rows per test size.")
+_RULER_TASKS = flags.DEFINE_list("ruler_tasks", [], "RULER-style tasks to generate and "
+                                 "score (longjax.data.tasks.ruler.RULER_TASKS).")
+_RULER_SAMPLES = flags.DEFINE_integer("ruler_samples", 5, "RULER samples per task, length "
+                                      "and depth.")
+_RULER_DEPTHS = flags.DEFINE_list("ruler_depths", ["0", "0.25", "0.5", "0.75", "1"],
+                                  "Depths in [0, 1] of the asked needle of the RULER tasks.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Rows (windows) per forward call.")
 _NUM_BINS = flags.DEFINE_integer("num_bins", 32, "Bins of the loss-per-position curves.")
 _BIN_SPACING = flags.DEFINE_enum("bin_spacing", "log", ["log", "linear"],
@@ -97,6 +113,8 @@ def main(argv):
             num_tokens=_NUM_TOKENS.value, stride=_STRIDE.value,
             passkey_depths=_numbers(_DEPTHS, float), passkey_samples=_PASSKEY_SAMPLES.value,
             task_sizes=_numbers(_TASK_SIZES, int), task_samples=_TASK_SAMPLES.value,
+            ruler_tasks=_RULER_TASKS.value, ruler_samples=_RULER_SAMPLES.value,
+            ruler_depths=_numbers(_RULER_DEPTHS, float),
             batch_size=_BATCH_SIZE.value, num_bins=_NUM_BINS.value,
             bin_spacing=_BIN_SPACING.value)
     except ValueError as e:

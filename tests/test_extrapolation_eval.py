@@ -232,6 +232,34 @@ def test_passkey_and_task_checkpoints(workdir, tmp_path):
     assert "sequence lengths: 2: 5, 8: 17" in (tmp_path / "b" / "results.md").read_text()
 
 
+def test_ruler_tasks_are_generated_scored_and_drawn(workdir, tmp_path):
+    """RULER tasks on the tiny checkpoint: one greedy sample of niah_single, its accuracy
+    (mean and at its depth) in the rows, its record in ruler_samples.csv, the heatmaps;
+    cwe, too long for 128 tokens, is skipped."""
+    checkpoint = load_checkpoint(workdir)
+    with pytest.raises(ValueError, match="unknown RULER tasks"):
+        evaluate(checkpoint, ruler_tasks=("niah",))
+    results = evaluate(checkpoint, lengths=(128,), num_tokens=128, stride=0,
+                       passkey_samples=0, batch_size=1, ruler_tasks=("niah_single", "cwe"),
+                       ruler_samples=1, ruler_depths=(0.5,))
+    rows = {(r["mode"], r["length"]): r["value"] for r in results.rows
+            if r["metric"] == "accuracy"}
+    assert set(rows) == {("ruler:niah_single", 128), ("ruler:niah_single@0.5", 128)}
+    [record] = results.ruler_samples
+    assert record["task"] == "niah_single" and record["depth"] == 0.5
+    assert record["score"] == rows["ruler:niah_single", 128] == float(
+        record["answers"] in record["generation"])
+    assert len(record["generation"]) > 0
+    paths = {p.name for p in report.write_outputs(results, tmp_path)}
+    assert {"ruler_samples.csv", "ruler.png", "ruler_niah_single.png"} <= paths
+    lines = (tmp_path / "ruler_samples.csv").read_text().splitlines()
+    assert lines[0] == "method,task,length,depth,sample,score,answers,generation"
+    assert (tmp_path / "ruler_niah_single.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "results.md").read_text()
+    assert "## accuracy (ruler:niah_single over needle depths)" in md
+    assert "## ruler:niah_single accuracy by needle depth (method @ depth)" in md
+
+
 def test_outputs_are_written(results, tmp_path):
     paths = report.write_outputs(results, tmp_path)
     assert {p.name for p in paths} == {"results.csv", "loss_per_position.csv", "results.md",
@@ -361,8 +389,10 @@ def test_script_writes_the_outputs(workdir, tmp_path):
     run = subprocess.run(
         [sys.executable, str(REPO / "scripts/evaluate_lengths.py"), f"--workdir={workdir}",
          f"--lengths={L}", "--num_tokens=32", "--passkey_samples=0",
-         f"--output_dir={out}"], capture_output=True, text=True, env=env, check=False)
+         "--ruler_tasks=niah_single", "--ruler_depths=0.5", f"--output_dir={out}"],
+        capture_output=True, text=True, env=env, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert f"No niah_single at length {L}" in run.stderr  # too short: skipped
     assert f"{out}/results.md" in run.stdout and (out / "bpb_vs_length.png").exists()
     assert "## bits_per_byte (sliding:n/2)" in (out / "results.md").read_text()
 

@@ -1,16 +1,12 @@
 """Pallas flash-attention kernels (GPU and TPU) through the interpreter, against the reference."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longjax.ops.attention import dot_product_attention, reference_attention
-from longjax.ops.masks import EMPTY, MaskSpec
+from longjax.ops.attention import dot_product_attention, make_spec, reference_attention
 from pallas_kernels import flash_attention
-from pallas_kernels.flash_attention import common
 
 # (out and lse, grads)
 TOL = {jnp.float32: (2e-5, 1e-4), jnp.float16: (4e-3, 2e-2), jnp.bfloat16: (3e-2, 1.5e-1)}
@@ -43,8 +39,9 @@ def _case(kind, B, T, S, H, K, D, dtype):
 def _check_kernel(backend, kind, B, T, S, H, K, D, dtype, block_q, block_k):
     (q, k, v, do), kw = _case(kind, B, T, S, H, K, D, dtype)
     blocks = dict(block_q=block_q, block_k=block_k, backend=backend, interpret=True)
-    out, lse = flash_attention.forward(q, k, v, **blocks, **kw)
-    dq, dk, dv, dslopes = flash_attention.backward(q, k, v, out, lse, do, **blocks, **kw)
+    spec, side = make_spec(q, k, v, **kw)
+    out, lse = flash_attention.forward(spec, q, k, v, side, **blocks)
+    dq, dk, dv, dslopes = flash_attention.backward(spec, q, k, v, side, out, lse, do, **blocks)
 
     up = [x.astype(jnp.float32) for x in (q, k, v, do)]
     slopes = kw.pop("alibi_slopes")
@@ -110,49 +107,10 @@ def test_dot_product_attention_pallas_interpret_gradients():
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-SPECS = [MaskSpec(c, w, n) for c in (False, True) for w in (None, 0, 3, 9) for n in (0, 2, 5)
-         if w is not None or n == 0]
-
-
-@pytest.mark.parametrize("spec", SPECS, ids=str)
-@pytest.mark.parametrize("segments", [False, True])
-def test_block_ranges_cover_exactly_the_visible_tiles(spec, segments):
-    """kv_blocks / q_blocks visit every non-empty tile, only FULL ones unmasked, and
-    (sink blocks aside) no empty ones."""
-    for T, S, bq, bk in itertools.product((1, 13, 32), (7, 40), (4, 8), (4, 16)):
-        st = common.Static(spec=spec, T=T, S=S, bq=bq, bk=bk, H=1, K=1, D=8, scale=1.0,
-                           softcap=None, has_positions=False, has_segments=segments,
-                           has_alibi=False)
-        tiles = spec.tile_map(T, S, bq, bk, has_segments=segments)
-        sink = np.arange(st.nk) < st.sink_blocks
-        # Unmasked tiles: every real query sees every (real) key; padded rows don't matter.
-        seen = np.ones((st.Tp, st.Sp), bool)
-        seen[:, S:] = False
-        seen[:T, :S] = spec.visible(np.arange(T)[:, None], np.arange(S)[None])
-        full = seen.reshape(st.nq, bq, st.nk, bk).all((1, 3)) & (not segments)
-        for i in range(st.nq):
-            sink_hi, lo, full_lo, full_hi, hi = (int(x) for x in common.kv_blocks(st, i))
-            band = np.zeros(st.nk, bool)
-            band[lo:hi] = True
-            visited = band | (np.arange(st.nk) < sink_hi)
-            assert (visited >= (tiles[i] != EMPTY)).all()
-            np.testing.assert_array_equal(band, (tiles[i] != EMPTY) & ~sink)
-            assert full[i, full_lo:full_hi].all()
-        for j in range(st.nk):
-            lo, full_lo, full_hi, hi = (int(x) for x in common.q_blocks(st, j))
-            visited = np.zeros(st.nq, bool)
-            visited[lo:hi] = True
-            assert (visited >= (tiles[:, j] != EMPTY)).all()
-            if not sink[j]:
-                np.testing.assert_array_equal(visited, tiles[:, j] != EMPTY)
-            assert full[full_lo:full_hi, j].all()
-
-
 def test_bad_backend_and_bias_raise():
     q = jnp.zeros((1, 8, 2, 16))
     with pytest.raises(ValueError, match="backend must be one of"):
-        flash_attention.forward(q, q, q, backend="cpu", causal=True, window=None, num_sinks=0,
-                                segment_ids=None, kv_segment_ids=None, q_positions=None,
-                                kv_positions=None, alibi_slopes=None, softcap=None, scale=None)
+        spec, side = make_spec(q, q, q, causal=True)
+        flash_attention.forward(spec, q, q, q, side, backend="cpu")
     with pytest.raises(ValueError, match="bias is not supported"):
         dot_product_attention(q, q, q, bias=jnp.zeros((8, 8)), impl="pallas_interpret")

@@ -165,6 +165,23 @@ def test_rolling_cache_equals_windowed_attention(attention_runs):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_bounded_caches_hold_through_chunked_prefill(attention_runs):
+    """Chunks of 7 tokens, more than the cache's num_sinks + window = 6 slots: the rolling
+    cache still gives the windowed full forward, and the streaming cache what it gives
+    token by token (within a chunk too, keys leave the window and sinks stay)."""
+    _, expected, runs = attention_runs
+    params = _random_params(_attention("full"), like=X)
+    for mode, want in (("rolling", expected), ("streaming", runs["streaming"][0])):
+        mixer = _attention(mode)
+        step = jax.jit(lambda x, c, m=mixer: m.apply(params, x, cache=c))
+        cache, outs = mixer.init_cache(X.shape[0], 10_000), []
+        for lo in range(0, X.shape[1], 7):
+            y, cache = step(X[:, lo:lo + 7], cache)
+            outs.append(y)
+        assert cache["k"].shape == (2, S + W, 1, 8)
+        np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=1e-5)
+
+
 def test_streaming_cache_reassigns_positions_inside_the_cache(attention_runs):
     """StreamingLLM: at every step the output equals attention over the compacted sequence
     [sinks, last `window` tokens] at positions 0 .. S + W - 1, i.e. the windowed full

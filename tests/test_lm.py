@@ -1,5 +1,7 @@
 """The decoder LM: mixer patterns, the registry, and cached decoding."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from longjax.nn import DecoderLM, build_mixer
+from longjax.nn import DecoderLM, build_mixer, mixer_names
+from longjax.nn.attention import AttentionMixer
+from longjax.nn.linear import KIND_OPTIONS, LinearAttentionMixer, RGLRUMixer, SlidingWindowMixer
 from longjax.nn.pattern import expand_pattern, layer_mixers
+from longjax.nn.ssm import Mamba2Mixer, MambaMixer, S4Mixer
 from longjax.train.cli import load_config_file
 
 from conftest import REPO, TINY
@@ -40,6 +45,27 @@ def test_unknown_mixer_is_named():
     model = ml_collections.ConfigDict({"mixer_options": {}})
     with pytest.raises(ValueError, match="unknown mixer 'nope'; registered mixers"):
         build_mixer("nope", model)
+
+
+def test_config_defaults_build_the_modules_defaults():
+    """A mixer built from a config of defaults equals the module called directly with only
+    its shape arguments: the options' defaults are declared once, in the modules."""
+    model = ml_collections.ConfigDict(dict(d_model=16, num_heads=2, num_kv_heads=1,
+                                           head_dim=8, dtype="float32", norm_eps=1e-6))
+    heads = dict(num_heads=2, num_kv_heads=1, head_dim=8)
+    direct = {"attention": AttentionMixer(**heads), "local_attention": AttentionMixer(**heads),
+              "swa": SlidingWindowMixer(**heads), "mamba": MambaMixer(d_model=16),
+              "mamba2": Mamba2Mixer(d_model=16), "s4d": S4Mixer(d_model=16),
+              "s4": S4Mixer(d_model=16, variant="s4"), "rglru": RGLRUMixer(width=16),
+              **{kind: LinearAttentionMixer(kind=kind, num_heads=2, head_dim=8)
+                 for kind in KIND_OPTIONS}}
+    assert set(direct) == set(mixer_names())
+    for name, module in direct.items():
+        built = build_mixer(name, model, parent=None)
+        assert type(built) is type(module), name
+        for field in dataclasses.fields(module):
+            if field.name not in ("parent", "name"):
+                assert getattr(built, field.name) == getattr(module, field.name), (name, field)
 
 
 def _tiny_lm(**model_overrides):

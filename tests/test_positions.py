@@ -218,6 +218,8 @@ def test_learned_biases_get_gradients():
     (dict(logn_scaling=True), "train_length must be a positive int"),
     (dict(cache_mode="lm_infinite", window=4, num_sinks=1), "train_length must be"),
     (dict(self_extend_group=2), "self_extend_window"),
+    (dict(self_extend_group=2, self_extend_window=4, window=8), "no window or sinks"),
+    (dict(cache_mode="rolling"), "needs a positive int window"),
 ])
 def test_bad_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):

@@ -115,12 +115,12 @@ def _one_device_and_sharded(setup, mesh_sizes, **model_overrides):
             loss_and_grads(config, batch, params, mesh), "shard_map" in jaxpr)
 
 
-def _assert_close(got, want):
+def _assert_close(got, want, tolerance=1e-4):
     (loss, grads), (want_loss, want_grads) = got, want
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads),
                             jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(),
+        np.testing.assert_allclose(g, w, rtol=tolerance, atol=tolerance * np.abs(w).max(),
                                    err_msg=jax.tree_util.keystr(path))
 
 
@@ -132,7 +132,9 @@ def _assert_close(got, want):
 def test_every_mixer_sequence_parallel_equals_one_device(setup, mixer):
     want, got, split = _one_device_and_sharded(setup, {"data": 2, "sequence": 4},
                                                mixer=mixer)
-    _assert_close(got, want)
+    # S4 on one device convolves with its Cauchy kernel (fp32 rounding of its own), the
+    # sequence-parallel form runs the scan
+    _assert_close(got, want, tolerance=3e-4 if mixer == "s4" else 1e-4)
     assert split, "the sequence-parallel form (a shard_map) runs"
 
 

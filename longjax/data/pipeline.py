@@ -1,8 +1,10 @@
 """Batches for training and evaluation, deterministic in (seed, step) so runs resume exactly.
 
-Text sources are tokenized and packed once (`PackedDataset`); synthetic tasks are
-generated per step (`TaskDataset`). Both hand out `batch(step)` dicts of numpy arrays
-`tokens, targets, weights, segment_ids, positions`, each `[batch, seq_len]`.
+Text sources are tokenized and packed once (`PackedDataset`, or for training with
+`packing="contiguous"` cut into batch slots that continue from step to step,
+`longjax.data.contiguous`); synthetic tasks are generated per step (`TaskDataset`). All
+hand out `batch(step)` dicts of numpy arrays `tokens, targets, weights, segment_ids,
+positions`, each `[batch, seq_len]`.
 Training reads a stream (`make_train_stream`): `next()` batches and a JSON `state()`
 that `restore` resumes from; dataset decomposition's stream draws one length bucket per
 step (`longjax.data.decomposition`).
@@ -19,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from longjax.data import best_fit, decomposition, packing, sources, tokenizer
+from longjax.data import best_fit, contiguous, decomposition, packing, sources, tokenizer
 
 POSE_STREAM = 7  # the random stream of PoSE's positions, apart from the shuffles
 
@@ -147,6 +149,10 @@ def make_dataset(config, split: str, *, seq_len: int | None = None):
     if d.source == "task":
         seed = config.seed if split == "train" else config.seed + 1_000_003
         return TaskDataset(d.task, d.task_options.to_dict(), seed=seed, seq_len=seq_len)
+    if split == "train" and d.packing == "contiguous":
+        return contiguous.ContiguousDataset(load_token_docs(d, split, seed=config.seed),
+                                            seq_len=seq_len, num_slots=d.batch_size,
+                                            positions=d.positions)
     return PackedDataset.from_config(d, split, seed=config.seed, seq_len=seq_len)
 
 

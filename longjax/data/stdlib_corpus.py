@@ -10,6 +10,7 @@ hash of the file's path: about 90% train, 5% validation, 5% test.
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import sys
 import sysconfig
@@ -36,10 +37,12 @@ def stdlib_files(root: pathlib.Path | None = None) -> list[tuple[str, pathlib.Pa
     """Sorted `(relative path, path)` of the standard library's `.py` files."""
     root = root or stdlib_root()
     files = []
-    for path in root.rglob("*.py"):
-        relative = path.relative_to(root)
-        if not EXCLUDED_DIRS.intersection(relative.parts):
-            files.append((relative.as_posix(), path))
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in EXCLUDED_DIRS]  # not walked
+        for name in names:
+            if name.endswith(".py"):
+                path = pathlib.Path(folder, name)
+                files.append((path.relative_to(root).as_posix(), path))
     return sorted(files)
 
 

@@ -24,6 +24,9 @@ For each method (`longjax.eval.methods`, applied per evaluation length) and leng
 - Passkey retrieval (Mohtashami & Jaggi 2023, `longjax.data.tasks` "passkey") at each
   needle depth: a row counts when every digit of the key is the argmax under teacher
   forcing.
+- RULER-style tasks (Hsieh et al. 2024, `longjax.eval.ruler`, `ruler_tasks`): greedy
+  generations scored by the share of the expected strings they hold, per length and
+  needle depth.
 - Synthetic-task checkpoints (`config.data.source == "task"`): token accuracy and exact
   match (every answer token of a row right) per test size n (the task's `min_length` =
   `max_length` = n, at the smallest sequence length that fits it).
@@ -51,6 +54,8 @@ from longjax import hf
 from longjax.data import tasks
 from longjax.data import tokenizer as tokenizer_lib
 from longjax.data.pipeline import load_token_docs
+from longjax.data.tasks.ruler import RULER_TASKS, TooShort
+from longjax.eval import ruler
 from longjax.eval.methods import apply_method
 from longjax.generate import load_model
 from longjax.nn import DecoderLM
@@ -59,6 +64,7 @@ from longjax.train.config import base_config
 
 NONOVERLAPPING = "nonoverlapping"
 PASSKEY = "passkey"
+RULER = "ruler"
 EVAL_SEED_OFFSET = 1_000_003  # evaluation seeds, as in longjax.data.pipeline.make_dataset
 _ROW_KEYS = ("tokens", "segment_ids", "positions", "targets")
 
@@ -85,10 +91,12 @@ class Results:
 
     rows: `{"method", "mode", "length", "metric", "value"}` records (results.csv); `mode`
     is "nonoverlapping", "sliding:<stride>", "sliding:n/2", "passkey" (mean over depths),
-    "passkey@<depth>" or "task:<name>" (its `length` is the test size).
+    "passkey@<depth>", "ruler:<task>" (mean over depths and samples), "ruler:<task>@<depth>"
+    or "task:<name>" (its `length` is the test size).
     loss_curves: `{"method", "length", "start", "stop", "count", "loss"}`, the mean loss
     (nats) of the `count` targets at positions start .. stop - 1 of the non-overlapping
     windows.
+    ruler_samples: one record per RULER sample (`longjax.eval.ruler.RECORD_FIELDS`).
     """
 
     workdir: str
@@ -98,6 +106,7 @@ class Results:
     task_seq_lens: dict[int, int] = dataclasses.field(default_factory=dict)
     rows: list[dict] = dataclasses.field(default_factory=list)
     loss_curves: list[dict] = dataclasses.field(default_factory=list)
+    ruler_samples: list[dict] = dataclasses.field(default_factory=list)
 
     def add(self, method: str, mode: str, length: int, metrics: dict[str, float]) -> None:
         self.rows.extend({"method": method, "mode": mode, "length": length, "metric": k,
@@ -303,7 +312,8 @@ def default_lengths(train_length: int) -> tuple[int, ...]:
     return tuple(train_length * 2 ** k for k in range(5))
 
 
-def _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size):
+def _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size,
+                ruler_tasks=(), ruler_depths=()):
     if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
         raise ValueError(f"evaluation lengths must be ints >= 1; got {list(lengths)}")
     if not methods:
@@ -317,6 +327,12 @@ def _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size
                          f"window scores its last stride tokens")
     if any(not 0 <= d <= 1 for d in passkey_depths):
         raise ValueError(f"passkey depths must be in [0, 1]; got {list(passkey_depths)}")
+    unknown = [t for t in ruler_tasks if t not in RULER_TASKS]
+    if unknown:
+        raise ValueError(f"unknown RULER tasks {unknown}; allowed: {list(RULER_TASKS)}")
+    if ruler_tasks and (not ruler_depths or any(not 0 <= d <= 1 for d in ruler_depths)):
+        raise ValueError(f"RULER depths must be in [0, 1], at least one; got "
+                         f"{list(ruler_depths)}")
 
 
 def _models(checkpoint: Checkpoint, methods, lengths) -> dict[tuple[str, int], DecoderLM]:
@@ -330,13 +346,15 @@ def _models(checkpoint: Checkpoint, methods, lengths) -> dict[tuple[str, int], D
 def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tokens=32768,
              stride=None, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_samples=5,
              task_sizes=None, task_samples=64, batch_size=4, num_bins=32, bin_spacing="log",
+             ruler_tasks=(), ruler_samples=5, ruler_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
              workdir="") -> Results:
     """Evaluates `checkpoint` under each method at each length (see the module doc).
 
     Text checkpoints: `lengths` (default 1x .. 16x the training length), `num_tokens`
     targets per length and mode, sliding windows of `stride` (None: half of each length;
     0: none), `passkey_samples` rows per length and depth (0: no passkey), loss
-    curves of `num_bins` bins (`bin_spacing` "log" or "linear"). Task checkpoints:
+    curves of `num_bins` bins (`bin_spacing` "log" or "linear"), `ruler_samples` samples
+    of each of `ruler_tasks` per length and depth of `ruler_depths`. Task checkpoints:
     `task_sizes` (required) and `task_samples` rows per size. `batch_size`: rows per
     forward call.
     """
@@ -348,7 +366,8 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
         return results
     lengths = tuple(dict.fromkeys(lengths or default_lengths(checkpoint.train_length)))
     methods = tuple(dict.fromkeys(methods))
-    _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size)
+    _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size,
+                ruler_tasks, ruler_depths)
     models = _models(checkpoint, methods, lengths)
     docs = load_token_docs(checkpoint.config.data, "validation", seed=checkpoint.config.seed,
                            tok=checkpoint.tokenizer)
@@ -373,6 +392,9 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
                 for depth, value in zip(passkey_depths, accuracies, strict=True):
                     results.add(method, f"{PASSKEY}@{depth:g}", n, {"accuracy": value})
                 results.add(method, PASSKEY, n, {"accuracy": np.mean(accuracies)})
+            for task in ruler_tasks if ruler_samples else ():
+                _score_ruler(results, method, n, model, checkpoint, task, depths=ruler_depths,
+                             samples=ruler_samples, batch_size=batch_size)
             logging.info("%s at length %d: %s (%.1f s)", method, n, _summary(results, method, n),
                          time.perf_counter() - tick)
     return results
@@ -398,6 +420,26 @@ def _score_text(results, method, n, model, params, passages, *, stride, num_bins
         nll, _ = score_rows(model, params, windows, batch_size=batch_size)
     results.add(method, f"sliding:{stride or 'n/2'}", n,
                 text_metrics(nll, windows["targets"], windows["weights"], token_bytes))
+
+
+def _score_ruler(results, method, n, model, checkpoint, task, *, depths, samples,
+                 batch_size) -> None:
+    """Adds the RULER task's accuracy at length `n` (mean, and per depth) and its samples
+    to `results`; a length too short for the task is skipped with a warning."""
+    try:
+        records = ruler.ruler_records(
+            model, checkpoint.params, checkpoint.tokenizer, task=task, length=n,
+            depths=depths, samples=samples, seed=checkpoint.config.seed + EVAL_SEED_OFFSET,
+            batch_size=batch_size, method=method)
+    except TooShort as e:
+        logging.warning("No %s at length %d: %s", task, n, e)
+        return
+    results.ruler_samples.extend(records)
+    results.add(method, f"{RULER}:{task}", n,
+                {"accuracy": np.mean([r["score"] for r in records])})
+    for depth, value in ruler.depth_means(records).items():
+        if depth != "":
+            results.add(method, f"{RULER}:{task}@{depth:g}", n, {"accuracy": value})
 
 
 def _evaluate_task(checkpoint, results, *, methods, sizes, samples, batch_size) -> None:

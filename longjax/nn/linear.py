@@ -65,6 +65,13 @@ def _continued_state(cache, segment_ids):
     return jnp.where(keep.reshape((-1,) + (1,) * (state.ndim - 1)), state, 0.0), keep
 
 
+# The options each kind reads beyond impl, chunk_size and conv_size.
+KIND_OPTIONS = {"linear_attention": (), "retention": (), "gla": ("gate_rank",),
+                "deltanet": (), "gated_deltanet": (), "based": ("feature_dim",)}
+# The kinds with a short convolution on q, k, v by default, and its size.
+CONV_SIZE = {"deltanet": 4, "gated_deltanet": 4}
+
+
 class LinearAttentionMixer(nn.Module):
     """Multi-head linear attention with the per-paper trimmings selected by `kind`.
 
@@ -88,9 +95,12 @@ class LinearAttentionMixer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
     chunk_size: int = 64
-    conv_size: int = 0
+    conv_size: int | None = None  # None: the kind's (CONV_SIZE, else no convolution)
     feature_dim: int = 16
     gate_rank: int = 16
+
+    def _conv_size(self):
+        return CONV_SIZE.get(self.kind, 0) if self.conv_size is None else self.conv_size
 
     def _key_dim(self):
         return self.feature_dim if self.kind == "based" else self.head_dim
@@ -108,7 +118,7 @@ class LinearAttentionMixer(nn.Module):
         dtype = dtype or self.dtype
         return {
             "state": jnp.zeros((batch_size,) + self._state_shape(), jnp.float32),
-            "conv": empty_conv_cache(batch_size, max(self.conv_size, 1),
+            "conv": empty_conv_cache(batch_size, max(self._conv_size(), 1),
                                      self._conv_channels(), dtype),
             "segment": jnp.full((batch_size,), -1, jnp.int32),
             "end": jnp.zeros((), jnp.int32),
@@ -123,8 +133,8 @@ class LinearAttentionMixer(nn.Module):
         qkv = dense(self._conv_channels(), axes=("embed", "heads"), dtype=self.dtype,
                     name="qkv")(x)
         conv_cache = fresh["conv"]
-        if self.conv_size:
-            qkv, conv_cache = ShortConv(self.conv_size, self.dtype, name="conv")(
+        if self._conv_size():
+            qkv, conv_cache = ShortConv(self._conv_size(), self.dtype, name="conv")(
                 qkv, seg, fresh["conv"])
             qkv = nn.silu(qkv)
         q, k, v = jnp.split(qkv, [H * dk, 2 * H * dk], axis=-1)
@@ -254,22 +264,13 @@ class SlidingWindowMixer(AttentionMixer):
     [B, W] (-1 = empty), "end": int32}`, a ring: position p in slot `p % W`.
     """
 
+    window: int | None = 128
     cache_mode: str = "rolling"
 
 
-_LINEAR_DEFAULTS = {"impl": "auto", "chunk_size": 64, "conv_size": 0}
-_KINDS = {
-    "linear_attention": {},
-    "retention": {},
-    "gla": {"gate_rank": 16},
-    "deltanet": {"conv_size": 4},
-    "gated_deltanet": {"conv_size": 4},
-    "based": {"feature_dim": 16},
-}
-
-
-def _register_linear(kind, extra):
-    @register_mixer(kind, defaults={**_LINEAR_DEFAULTS, **extra})
+def _register_linear(kind, options):
+    @register_mixer(kind, module=LinearAttentionMixer,
+                    only=("impl", "chunk_size", "conv_size", *options))
     def build(model, options, **module_kwargs):
         return LinearAttentionMixer(
             kind=kind, num_heads=model.num_heads,
@@ -279,22 +280,19 @@ def _register_linear(kind, extra):
     return build
 
 
-for _kind, _extra in _KINDS.items():
-    _register_linear(_kind, _extra)
+for _kind, _options in KIND_OPTIONS.items():
+    _register_linear(_kind, _options)
 
 
-@register_mixer("rglru", defaults={"width": None, "conv_size": 4, "impl": "auto"})
+@register_mixer("rglru", module=RGLRUMixer, extra={"width": None})
 def build_rglru(model, options, **module_kwargs):
     options = dict(options)
     width = options.pop("width") or model.d_model
     return RGLRUMixer(width=width, dtype=jnp.dtype(model.dtype), **options, **module_kwargs)
 
 
-@register_mixer(
-    "swa",
-    defaults={"impl": "auto", "window": 128, "softcap": None, "rope_base": 10000.0,
-              "rope_fraction": 1.0},
-)
+@register_mixer("swa", module=SlidingWindowMixer,
+                only=("impl", "window", "softcap", "rope_base", "rope_fraction"))
 def build_swa(model, options, **module_kwargs):
     if not isinstance(options["window"], int) or options["window"] < 1:
         raise ValueError(f"config.model.mixer_options.swa.window must be a positive int; "

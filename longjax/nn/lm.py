@@ -30,6 +30,11 @@ from longjax.nn.pattern import expand_pattern, layer_mixers
 from longjax.nn.position_bias import AbsolutePositions
 from longjax.nn.registry import build_mixer
 
+# The cache entries that hold a recurrent layer's state (SSMs: "ssm"; linear attention and
+# RG-LRU: "state"); the rest of a cache (short-convolution tails, the last segment id,
+# token counters) travels with it.
+STATE_KEYS = frozenset({"ssm", "state"})
+
 
 class Block(nn.Module):
     """`x + mixer(norm(x))`, then `x + mlp(norm(x))` (no MLP when `model.mlp == "none"`);
@@ -116,6 +121,13 @@ class DecoderLM(nn.Module):
             build_mixer(name, self.model, parent=None).init_cache(batch_size, max_length, dtype)
             for name in self.layer_mixers()
         )
+
+    def init_state_cache(self, batch_size):
+        """Empty decode caches of the recurrent layers, None for the others (attention):
+        the states training carries from row to row (`longjax.train.initial_state`). A
+        layer is recurrent when its cache holds a state of fixed size (`STATE_KEYS`)."""
+        return tuple(cache if STATE_KEYS & set(cache) else None
+                     for cache in self.init_cache(batch_size, 1))
 
     @nn.compact
     def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None):

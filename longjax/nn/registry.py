@@ -10,18 +10,20 @@ document borders; `positions` `[B, T]` are the in-document positions. Given a ca
 call continues from it and returns the updated one, so one call of T tokens and T calls of
 one token agree.
 
-Register a mixer with its default options; users override them per mixer in
-`config.model.mixer_options.<name>`:
+Register a mixer with the module it builds: its options and their defaults are that
+module's dataclass fields with a default, declared once, so a config and a direct module
+call agree. Users override them per mixer in `config.model.mixer_options.<name>`:
 
-    @register_mixer("attention", defaults={"impl": "auto", "window": None})
+    @register_mixer("attention", module=AttentionMixer)
     def build_attention(model_config, options, **module_kwargs):
         # options: defaults + user overrides; module_kwargs: name=... from the caller
-        return AttentionMixer(..., **module_kwargs)
+        return AttentionMixer(..., **options, **module_kwargs)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,14 +34,32 @@ _FACTORIES: dict[str, MixerFactory] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
-def register_mixer(name: str, *, defaults: Mapping[str, Any] | None = None):
-    """Registers `factory(model_config, options, **module_kwargs) -> Module` as `name`."""
+# Fields every factory sets from the model config (or Flax sets), never mixer options.
+_NOT_OPTIONS = ("parent", "name", "dtype")
+
+
+def register_mixer(name: str, *, module: type[nn.Module], only: Sequence[str] | None = None,
+                   from_model: Sequence[str] = (), extra: Mapping[str, Any] | None = None):
+    """Registers `factory(model_config, options, **module_kwargs) -> Module` as `name`.
+
+    The options are `module`'s fields with a default, at that default: those in `only`
+    when given, less the fields the factory sets from the model config (`from_model`,
+    and dtype); `extra`: the factory's own options (name -> default), no module field.
+    """
+    fields = {f.name: f.default for f in dataclasses.fields(module)
+              if f.default is not dataclasses.MISSING
+              and f.name not in (*_NOT_OPTIONS, *from_model)}
+    unknown = set(only or ()) - set(fields)
+    if unknown:
+        raise ValueError(f"mixer {name!r}: {sorted(unknown)} are not fields with a default "
+                         f"of {module.__name__}")
+    defaults = {k: v for k, v in fields.items() if only is None or k in only}
 
     def decorate(factory: MixerFactory) -> MixerFactory:
         if name in _FACTORIES:
             raise ValueError(f"mixer {name!r} is already registered")
         _FACTORIES[name] = factory
-        _DEFAULTS[name] = dict(defaults or {})
+        _DEFAULTS[name] = {**defaults, **(extra or {})}
         return factory
 
     return decorate

@@ -19,6 +19,7 @@ from longjax.nn.linear import ShortConv, empty_conv_cache
 from longjax.nn.registry import register_mixer
 from longjax.ops import s4 as s4_lib
 from longjax.parallel import recurrent
+from longjax.parallel.mesh import sequence_mesh
 
 
 def _segments(segment_ids, x):
@@ -217,8 +218,10 @@ class S4Mixer(nn.Module):
     d_model channels: `out(gelu(SSM(x) + D x))` (Gu et al. 2022, the S4 block).
     `initialization` and `discretization` apply to S4D; S4 is HiPPO-LegS, bilinear.
 
-    Without a cache or segments it runs in convolution mode (kernel of length T, FFT);
-    with either, in recurrent mode (the state resets at document borders).
+    Without a cache it runs in convolution mode (kernel of length T, FFT; restarted at
+    document borders, `s4_lib.segment_causal_conv`); with a cache, or with segments under
+    a sequence mesh (`sequence_mesh`), in recurrent mode (the state resets at document
+    borders).
     Cache: `{"ssm": complex64 [B, d_model, n], "segment": [B]}` (n = N/2 for S4D, N for S4).
     """
 
@@ -268,12 +271,14 @@ class S4Mixer(nn.Module):
         D = _param(self, "D", nn.initializers.ones, (H,), ("embed",))
         dt = jnp.exp(log_dt)
         seg = _segments(segment_ids, x)
-        if cache is None and segment_ids is None:
+        if cache is None and (segment_ids is None or sequence_mesh() is None):
             if p is None:
                 K = s4_lib.s4d_kernel(Lambda, Bc, C, dt, T, self.discretization)
             else:
                 K = s4_lib.s4_kernel(Lambda, p, Bc, C, dt, T)
-            y, state = s4_lib.causal_conv(x, K), None
+            y = (s4_lib.causal_conv(x, K) if segment_ids is None
+                 else s4_lib.segment_causal_conv(x, K, segment_ids))
+            state = None
         else:
             initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
             if p is None:
@@ -292,33 +297,25 @@ class S4Mixer(nn.Module):
         return out, cache
 
 
-_MAMBA = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": "auto", "dt_min": 1e-3,
-          "dt_max": 1e-1, "impl": "auto", "chunk_size": None}
-_MAMBA2 = {"d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1,
-           "chunk_size": 64, "dt_min": 1e-3, "dt_max": 1e-1, "A_init_max": 16.0, "impl": "auto",
-           "norm_per_group": False}
-_S4 = {"d_state": 64, "dt_min": 1e-3, "dt_max": 1e-1}
-
-
-@register_mixer("mamba", defaults=_MAMBA)
+@register_mixer("mamba", module=MambaMixer)
 def build_mamba(model, options, **module_kwargs):
     return MambaMixer(d_model=model.d_model, dtype=jnp.dtype(model.dtype), **options,
                       **module_kwargs)
 
 
-@register_mixer("mamba2", defaults=_MAMBA2)
+@register_mixer("mamba2", module=Mamba2Mixer, from_model=("norm_eps",))
 def build_mamba2(model, options, **module_kwargs):
     return Mamba2Mixer(d_model=model.d_model, norm_eps=model.norm_eps,
                        dtype=jnp.dtype(model.dtype), **options, **module_kwargs)
 
 
-@register_mixer("s4d", defaults={**_S4, "initialization": "lin", "discretization": "zoh"})
+@register_mixer("s4d", module=S4Mixer, from_model=("variant",))
 def build_s4d(model, options, **module_kwargs):
     return S4Mixer(d_model=model.d_model, variant="s4d", dtype=jnp.dtype(model.dtype),
                    **options, **module_kwargs)
 
 
-@register_mixer("s4", defaults=_S4)
+@register_mixer("s4", module=S4Mixer, only=("d_state", "dt_min", "dt_max"))
 def build_s4(model, options, **module_kwargs):
     return S4Mixer(d_model=model.d_model, variant="s4", dtype=jnp.dtype(model.dtype),
                    **options, **module_kwargs)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
+from longjax.ops.cpu_rewrites import cumsum, decayed_scores, unit_lower_solve
 
 IMPLS = ("auto", "reference", "xla")
 FEATURE_MAPS = ("identity", "elu+1", "relu", "taylor")
@@ -111,10 +112,7 @@ def chunk_maps(q, k, v, g, beta, resets, delta) -> ChunkMaps:
     causal = jnp.tril(jnp.ones((C, C), bool))
     if g is None:
         g = jnp.zeros(q.shape[:4], jnp.float32)
-    # log decay from the chunk start, inclusive: a cumsum as a matmul, whose output
-    # layout XLA keeps plain (its CPU reduce-window cumsum does not)
-    b = jnp.einsum("ij,bnj...->bni...", causal.astype(jnp.float32), g,
-                   precision=jax.lax.Precision.HIGHEST)
+    b = cumsum(g, axis=2)  # log decay from the chunk start, inclusive
     per_dim = g.ndim == 5
     bc = b[:, :, -1:]
 
@@ -187,95 +185,6 @@ def _block_scores(q, k, b):
                      k[..., :h, :] * jnp.exp(r - b[..., :h, :]))
     top = jnp.concatenate([inner[..., 0, :, :], jnp.zeros_like(off)], -1)
     return jnp.concatenate([top, jnp.concatenate([off, inner[..., 1, :, :]], -1)], -2)
-
-
-def _decays(b, visible):
-    """`exp(b_i - b_j)` `[..., C, C, Dk]` where `visible [..., C, C]`, else 0."""
-    diff = b[..., :, None, :] - b[..., None, :, :]
-    return jnp.exp(jnp.where(visible[..., None], diff, -jnp.inf))
-
-
-@jax.custom_vjp
-def decayed_scores(q, k, b, visible):
-    """`S_ij = sum_d q_id k_jd exp(b_id - b_jd)` for `visible` pairs, else 0, through the
-    `[C, C, Dk]` decays: `gla_scores`' odd-length blocks. q, k, b `[..., C, Dk]`, visible
-    `[..., C, C]` bool.
-
-    A custom VJP because autodiff reduces the `[C, C, Dk]` product over the minor Dk axis,
-    slow on CPU; here dq and dk are contractions over j or i, and db = q dq - k dk (the
-    identity flash-linear-attention uses for GLA's gate)."""
-    return jnp.einsum("...ijd,...jd->...ij", q[..., :, None, :] * _decays(b, visible), k)
-
-
-def _scores_fwd(q, k, b, visible):
-    return decayed_scores(q, k, b, visible), (q, k, b, visible)
-
-
-def _scores_bwd(res, dS):
-    q, k, b, visible = res
-    weighted = dS[..., None] * _decays(b, visible)  # [..., C, C, Dk]
-    dq = jnp.einsum("...ijd,...jd->...id", weighted, k)
-    dk = jnp.einsum("...ijd,...id->...jd", weighted, q)
-    return dq, dk, q * dq - k * dk, None
-
-
-decayed_scores.defvjp(_scores_fwd, _scores_bwd)
-
-
-def _forward_substitution(L, B):
-    """X with `(I + L) X = B` for strictly lower-triangular `L [..., C, C]`, row by row."""
-
-    def row(i, X):
-        return X.at[..., i, :].set(B[..., i, :] - jnp.einsum("...j,...jm->...m", L[..., i, :], X))
-
-    return jax.lax.fori_loop(0, L.shape[-1], row, jnp.zeros_like(B))
-
-
-def _blocked_substitution(L, B, block=16):
-    """`_forward_substitution` in blocks: the inverses of all diagonal `block x block` blocks
-    at once (`block` row steps), then one matmul step per block row, so `C / block + block`
-    sequential steps instead of C."""
-    C = L.shape[-1]
-    if C <= block or C % block:
-        return _forward_substitution(L, B)
-    n = C // block
-    blocks = L.reshape(L.shape[:-2] + (n, block, n, block))
-    diagonal = jnp.stack([blocks[..., i, :, i, :] for i in range(n)], axis=-3)
-    eye = jnp.broadcast_to(jnp.eye(block, dtype=L.dtype), diagonal.shape)
-    inverses = _forward_substitution(diagonal, eye)  # [..., n, block, block]
-    rows = []
-    for i in range(n):
-        rhs = B[..., i * block:(i + 1) * block, :]
-        if i:
-            rhs = rhs - jnp.einsum("...ij,...jm->...im", L[..., i * block:(i + 1) * block,
-                                                         :i * block], jnp.concatenate(rows, -2))
-        rows.append(jnp.einsum("...ij,...jm->...im", inverses[..., i, :, :], rhs))
-    return jnp.concatenate(rows, -2)
-
-
-@jax.custom_vjp
-def unit_lower_solve(L, B):
-    """`(I + L)^{-1} B` for strictly lower-triangular `L`, by blocked forward substitution
-    (XLA's CPU triangular solve is far slower). Its VJP solves the transposed system the
-    same way."""
-    return _blocked_substitution(L, B)
-
-
-def _solve_fwd(L, B):
-    X = _blocked_substitution(L, B)
-    return X, (L, X)
-
-
-def _solve_bwd(res, dX):
-    L, X = res
-    # (I + L)^T dB = dX: reversing the rows and columns makes L^T strictly lower again.
-    upper_flipped = jnp.flip(jnp.swapaxes(L, -1, -2), (-2, -1))
-    dB = jnp.flip(_blocked_substitution(upper_flipped, jnp.flip(dX, -2)), -2)
-    dL = -jnp.tril(jnp.einsum("...im,...jm->...ij", dB, X), -1)
-    return dL, dB
-
-
-unit_lower_solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def chunk_states(A, B, state):
@@ -462,8 +371,7 @@ def gla(q, k, v, g, *, scale=None, segment_ids=None, initial_state=None,
 
     `g` `[B, T, H, Dk]` log decays per key dimension. The chunked form computes a chunk's
     scores by recursive secondary-level chunking (`gla_scores`): matmuls, and no `[C, C,
-    Dk]` decays when C is a power of 2 (64 and 32 were the fastest forward+backward on CPU
-    at T=8k, against 8 and 16).
+    Dk]` decays when C is a power of 2 (chunk sizes measured in benchmarks/RESULTS.md).
     """
     _check(q, k, v, g=g, g_ndim=4)
     return recurrence(_scaled(q, scale), k, v, g=g, segment_ids=segment_ids,

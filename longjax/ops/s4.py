@@ -3,7 +3,8 @@
 Continuous system per channel: `x'(t) = A x(t) + B u(t)`, `y = C x + D u`, discretised with
 step `dt` by zero-order hold or the bilinear transform, then run either as a causal
 convolution with the kernel `K_l = C Ab^l Bb` (FFT, for training) or as the recurrence
-`x_t = Ab x_{t-1} + Bb u_t` (for decoding).
+`x_t = Ab x_{t-1} + Bb u_t` (for decoding). On packed rows the convolution restarts at
+each document border (`segment_causal_conv`).
 
 - S4D (Gu et al. 2022, "On the Parameterization and Initialization of Diagonal State Space
   Models"): diagonal `A = diag(Lambda)` kept as N/2 complex-conjugate pairs (only one of
@@ -136,6 +137,67 @@ def causal_conv(u, K):
     U = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)
     Kf = jnp.fft.rfft(K.T.astype(jnp.float32), n=n, axis=0)
     return jnp.fft.irfft(U * Kf, n=n, axis=1)[:, :T]
+
+
+def segment_causal_conv(u, K, segment_ids, *, block_size=None):
+    """`y_t = sum_{s<=t, seg(s)=seg(t)} K_{t-s} u_s`: the causal convolution restarted at
+    every document border of `segment_ids` `[B, T]` (a change of id), i.e. S4's convolution
+    mode on packed rows, equal to the recurrence with resets. u `[B, T, H]`, K `[H, T]`;
+    fp32 out.
+
+    Exact, in blocks of `C = block_size` tokens (default `block_size_for(T)`). Token t in
+    block I whose document starts at b in block J:
+    - J = I: all its inputs lie in block I: a `C x C` Toeplitz tile of `K_0 .. K_{C-1}`
+      masked to the document.
+    - J < I: its document is the last one of each block J .. I-1. Let `U` be u kept only
+      on each block's last document. Then `y_t = conv(U * [s >= J C], K)_t` (one of
+      `T / C` suffix-masked convolutions, batched FFTs, picked by t's J), with block I's
+      own part swapped from `U` to `u` by the same Toeplitz tile.
+    No data-dependent gather of kernel taps (the tiles' lags are static), so the backward
+    pass is as plain as the forward. Work per channel `O(T^2 / C log T + T C)`, all
+    parallel (the scan of S4's dense state runs T sequential `N x N` steps); memory about
+    `T / C + C` times the activations.
+    """
+    Bsz, T, H = u.shape
+    if segment_ids.shape != (Bsz, T):
+        raise ValueError(f"segment_causal_conv: segment_ids must be [B, T] = {(Bsz, T)}; got "
+                         f"{segment_ids.shape}")
+    C = block_size_for(T) if block_size is None else block_size
+    if not isinstance(C, int) or C < 1:
+        raise ValueError(f"segment_causal_conv: block_size must be a positive int; got {C!r}")
+    blocks = -(-T // C)
+    Tp = blocks * C
+    t = jnp.arange(Tp)
+    u = jnp.pad(u.astype(jnp.float32), ((0, 0), (0, Tp - T), (0, 0)))
+    border = jnp.concatenate([jnp.ones((Bsz, 1), bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1],
+                              jnp.ones((Bsz, Tp - T), bool)], axis=1)
+    start = jax.lax.cummax(jnp.where(border, t, 0), axis=1)  # [B, Tp]
+    J, I = start // C, t // C
+    carried = J < I  # [B, Tp]: the document began in an earlier block
+    last_start = start.reshape(Bsz, blocks, C)[:, :, -1]  # each block's last document
+    U = jnp.where((start >= last_start[:, I])[..., None], u, 0.0)
+    suffixes = jnp.where(t[None, None, :, None] >= C * jnp.arange(blocks)[:, None, None, None],
+                         U[None], 0.0)  # [blocks, B, Tp, H]
+    n = Tp + T
+    Kf = jnp.fft.rfft(K.T.astype(jnp.float32), n=n, axis=0)
+    convs = jnp.fft.irfft(jnp.fft.rfft(suffixes, n=n, axis=2) * Kf, n=n, axis=2)[:, :, :Tp]
+    far = jnp.take_along_axis(convs, J[None, :, :, None], axis=0)[0]
+    lags = jnp.arange(C)[:, None] - jnp.arange(C)[None, :]  # [C, C]: t - s inside a block
+    K0 = jnp.pad(K.astype(jnp.float32), ((0, 0), (0, max(C - T, 0))))
+    tile = jnp.where(lags >= 0, K0[:, jnp.maximum(lags, 0)], 0.0)  # [H, C, C]
+    blocked = lambda x: x.reshape((Bsz, blocks, C) + x.shape[2:])
+    same = blocked(start)[..., :, None] == blocked(start)[..., None, :]  # [B, blocks, C, C]
+    near = (jnp.einsum("bits,hts,bish->bith", same.astype(jnp.float32), tile, blocked(u))
+            - blocked(carried)[..., None] * jnp.einsum("hts,bish->bith", tile, blocked(U)))
+    y = jnp.where(carried[..., None], far, 0.0) + near.reshape(Bsz, Tp, H)
+    return y[:, :T]
+
+
+def block_size_for(T):
+    """`segment_causal_conv`'s default block: the power of two nearest `sqrt(T log2 T)`,
+    balancing its `T / C` FFT convolutions against its `C x C` tiles."""
+    return 2 ** round(np.log2(max(T * np.log2(max(T, 2)), 1)) / 2)
 
 
 def s4d_recurrence(u, Ab, Bb, C, *, initial_state=None, segment_ids=None, impl="auto"):

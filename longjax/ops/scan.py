@@ -9,9 +9,6 @@ States are carried in fp32 (complex64 for complex inputs).
 
 from __future__ import annotations
 
-import functools
-import operator
-
 import jax
 import jax.numpy as jnp
 
@@ -25,16 +22,6 @@ def segment_keep(segment_ids):
     id mark document borders (0 = padding is a document of its own)."""
     same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
     return jnp.concatenate([jnp.ones((segment_ids.shape[0], 1), jnp.float32), same], axis=1)
-
-
-def slice_sum(x, axis):
-    """`x.sum(axis)` written as additions of the slices along `axis`. XLA's CPU backend runs a
-    sum over a non-minor axis as a library reduction costing tens of microseconds per call
-    (eight times a whole selective-scan token step at D=256); the additions fuse into the
-    surrounding loop instead. For small axes (state sizes, heads per group)."""
-    axis = axis % x.ndim
-    slices = (jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis]))
-    return functools.reduce(operator.add, slices)
 
 
 def _expand(keep, ndim):

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
-from longjax.ops.scan import segment_keep, slice_sum
+from longjax.ops.cpu_rewrites import axis_sum
+from longjax.ops.scan import segment_keep
 
 IMPLS = ("reference", "xla", "pallas", "pallas_interpret")
 
@@ -94,7 +95,6 @@ def _chunked_fwd(u, dt, A_T, B, C, keep, h0, K):
     def token(h, x):
         u, dt, B, C, keep = x
         h = _decays(dt, A_T, keep) * h + _inputs(B, dt * u)
-        # C_t h_t as a matrix-vector product: a sum over N is slow on CPU (see slice_sum)
         return h, jnp.einsum("gn,gne->ge", C, h)
 
     def chunk(h, xs):
@@ -130,7 +130,7 @@ def _chunked_bwd(K, residuals, cotangents):
             g_next = a_k * g
             d_log_a = g_next * previous_k
             return ((g_next, dA + d_log_a * dt_k[..., None, :]),
-                    (g, slice_sum(d_log_a * A_T, -2)))
+                    (g, axis_sum(d_log_a * A_T, -2)))
 
         (g_start, dA), (g, ddt_decay) = jax.lax.scan(token, (g_after, dA),
                                                      (a, C, dy, previous, dt), reverse=True)

@@ -12,13 +12,12 @@ before the exponential, so nothing overflows. Document borders (`segment_ids`) c
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
-from longjax.ops.scan import linear_scan, segment_keep, slice_sum
+from longjax.ops.cpu_rewrites import broadcast_axis
+from longjax.ops.scan import linear_scan, segment_keep
 
 IMPLS = ("reference", "xla")
 
@@ -79,25 +78,6 @@ def initial_state_output(dt, A, C, h0, keep):
     return decay[..., None] * jnp.einsum("bthn,bhpn->bthp", _heads(C, h0.shape[1]), h0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _over_heads(v, R):
-    """`v [B, c, G, ...]` -> `[B, c, G, R, ...]`, each group's value for its R heads. The
-    gradient is a `slice_sum` over the R heads: autodiff's plain sum over that middle axis
-    took half the fwd+bwd time at Mamba-2's shapes on CPU."""
-    return jnp.broadcast_to(v[:, :, :, None], v.shape[:3] + (R,) + v.shape[3:])
-
-
-def _over_heads_fwd(v, R):
-    return _over_heads(v, R), None
-
-
-def _over_heads_bwd(R, _, grad):
-    return (slice_sum(grad, 3),)
-
-
-_over_heads.defvjp(_over_heads_fwd, _over_heads_bwd)
-
-
 def _chunked(x, dt, A, B, C, keep, h0, L):
     """The chunked form, head-major inside each chunk (`[B, c, G, R, L, ...]`, with the H
     heads split as G groups of R = H / G that share one group's B and C): the `C_t . B_s`
@@ -123,7 +103,8 @@ def _chunked(x, dt, A, B, C, keep, h0, L):
     causal = jnp.tril(jnp.ones((L, L), bool))
     same = (docs[..., :, None] == docs[..., None, :]) & causal  # [B, c, 1, 1, t, s]
     mask = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-    scores = _over_heads(jnp.einsum("bcgtn,bcgsn->bcgts", C_c, B_c), R) * mask
+    # each group's C_t . B_s scores, for its R heads
+    scores = broadcast_axis(jnp.einsum("bcgtn,bcgsn->bcgts", C_c, B_c), 3, R) * mask
     y = jnp.einsum("bcgrts,bcgrsp->bcgrtp", scores, dt_c[..., None] * x_c)
     # each chunk's final state from a zero start, and its decay over the whole chunk
     to_end = jnp.exp(cum[..., -1:] - cum) * (docs == docs[..., -1:])

@@ -14,6 +14,7 @@ then computes the same number of tiles (Brandon et al. 2023, "Striped Attention"
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -22,11 +23,14 @@ import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
 from longjax.ops.attention import (
-    _check_args,
-    attention_backward,
-    attention_forward,
+    AttentionSpec,
+    SideInputs,
+    backward,
+    forward,
+    make_spec,
     merge_attention,
 )
+from longjax.ops.attention.planner import key_blocks
 from longjax.parallel.layouts import bound_axis_size, check_layout, shard_positions
 
 TILE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -36,11 +40,7 @@ _MAX_DEFAULT_BLOCK = 512
 class _Config(NamedTuple):
     axis_name: str
     layout: str
-    causal: bool
-    window: int | None
-    num_sinks: int
-    softcap: float | None
-    scale: float | None
+    spec: AttentionSpec  # of every tile: segments and global positions always given
     block_size: int
     impl: str
     group_size: int
@@ -67,7 +67,8 @@ def ring_attention(
     Returns `[B, T, H, D]` in q's dtype, and with
     `return_tile_count` also the number of tiles this device computed (forward only).
     """
-    _check_args(q, k, v, window, num_sinks, segment_ids)
+    spec, _ = make_spec(q, k, v, causal=causal, window=window, num_sinks=num_sinks,
+                        softcap=softcap, scale=scale, segment_ids=segment_ids)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must hold the same local tokens; got lengths {q.shape[1]} "
                          f"and {k.shape[1]}")
@@ -85,8 +86,8 @@ def ring_attention(
                          f"got {block_size}")
     if impl not in TILE_IMPLS:
         raise ValueError(f"impl must be one of {TILE_IMPLS}; got {impl!r}")
-    cfg = _Config(axis_name, layout, causal, window, num_sinks, softcap, scale, block_size,
-                  impl, group_size)
+    spec = dataclasses.replace(spec, has_segments=True, has_positions=True)
+    cfg = _Config(axis_name, layout, spec, block_size, impl, group_size)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     segment_ids = segment_ids.astype(jnp.int32)
@@ -137,26 +138,17 @@ def _set_block(x, update, i, size, axis):
     return jax.lax.dynamic_update_slice_in_dim(x, update, i * size, axis)
 
 
-def _visible(cfg, q_pos, kv_pos):
-    """Whether some (query, key) pair of a tile passes the position masks (exact for ranges)."""
-    q_min, q_max, k_min, k_max = q_pos.min(), q_pos.max(), kv_pos.min(), kv_pos.max()
-    visible = jnp.bool_(True)
-    if cfg.causal:
-        visible &= k_min <= q_max
-    if cfg.window is not None:
-        local = q_min - k_max < cfg.window
-        if not cfg.causal:
-            local &= k_min - q_max < cfg.window
-        if cfg.num_sinks:
-            local |= k_min < cfg.num_sinks
-        visible &= local
-    return visible
+def _visible(cfg, q_pos, kv_pos, seq_len):
+    """Whether the block planner visits some key of the positions `kv_pos` for the queries
+    at `q_pos` (exact for ranges; `seq_len` tokens in all)."""
+    seen = key_blocks(cfg.spec, q_pos.min(), q_pos.max(), block_k=1, kv_len=seq_len)
+    k_min, k_max = kv_pos.min(), kv_pos.max()
+    return (k_min < seen.sinks) | ((seen.lo < seen.hi) & (k_min < seen.hi) & (k_max >= seen.lo))
 
 
-def _mask_kwargs(cfg, q_seg, kv_seg, q_pos, kv_pos):
+def _side_inputs(q_seg, kv_seg, q_pos, kv_pos):
     batch = q_seg.shape[0]
-    return dict(
-        causal=cfg.causal, window=cfg.window, num_sinks=cfg.num_sinks,
+    return SideInputs(
         segment_ids=q_seg, kv_segment_ids=kv_seg,
         q_positions=jnp.broadcast_to(q_pos, (batch, q_pos.shape[0])),
         kv_positions=jnp.broadcast_to(kv_pos, (batch, kv_pos.shape[0])),
@@ -168,16 +160,15 @@ def _on_tiles(cfg, run):
     return impl_lib.run("ring_attention_tile", cfg.impl, run)
 
 
-def _tile_forward(cfg, q, k, v, mask_kw):
+def _tile_forward(cfg, q, k, v, side):
     """(out `[B, t, H, D]`, lse `[B, H, t]` fp32) of one tile; rows with no key: lse=-inf."""
-    return _on_tiles(cfg, lambda impl: attention_forward(
-        q, k, v, softcap=cfg.softcap, scale=cfg.scale, impl=impl, **mask_kw))
+    return _on_tiles(cfg, lambda impl: forward(cfg.spec, q, k, v, side, impl=impl))
 
 
-def _tile_backward(cfg, q, k, v, out, lse, dout, mask_kw):
+def _tile_backward(cfg, q, k, v, out, lse, dout, side):
     """(dq, dk, dv) of one tile given the final `out` and `lse` of its query rows."""
-    grads = _on_tiles(cfg, lambda impl: attention_backward(
-        q, k, v, out, lse, dout, softcap=cfg.softcap, scale=cfg.scale, impl=impl, **mask_kw))
+    grads = _on_tiles(cfg, lambda impl: backward(cfg.spec, q, k, v, side, out, lse, dout,
+                                                 impl=impl)[:3])
     return tuple(g.astype(jnp.float32) for g in grads)
 
 
@@ -216,17 +207,18 @@ def _forward(cfg, q, k, v, q_seg):
             o, lse = o_lse
 
             def compute(o_lse_i):
-                mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
-                                       _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+                side = _side_inputs(_block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                    _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
                 o_t, lse_t = _tile_forward(cfg, _block(q, i, c, 1), _block(k_s, j, c, 1),
-                                           _block(v_s, j, c, 1), mask_kw)
+                                           _block(v_s, j, c, 1), side)
                 return merge_attention(*o_lse_i, o_t, lse_t)
 
             o_i, lse_i = jax.lax.cond(visible, compute, lambda o_lse_i: o_lse_i,
                                       (_block(o, i, c, 1), _block(lse, i, c, 2)))
             return _set_block(o, o_i, i, c, 1), _set_block(lse, lse_i, i, c, 2)
 
-        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
+                                        T * num_shards)
         o_lse, count = _over_tiles(cfg, T, visible, tile, acc[:2])
         return (*o_lse, acc[2] + count)
 
@@ -267,11 +259,11 @@ def _ring_bwd(cfg, res, dout):
             dq, dk, dv = acc
 
             def compute(blocks):
-                mask_kw = _mask_kwargs(cfg, _block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
-                                       _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+                side = _side_inputs(_block(q_seg, i, c, 1), _block(kv_seg, j, c, 1),
+                                    _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
                 grads = _tile_backward(
                     cfg, _block(q, i, c, 1), _block(k_s, j, c, 1), _block(v_s, j, c, 1),
-                    _block(out, i, c, 1), _block(lse, i, c, 2), _block(dout, i, c, 1), mask_kw)
+                    _block(out, i, c, 1), _block(lse, i, c, 2), _block(dout, i, c, 1), side)
                 return tuple(b + g for b, g in zip(blocks, grads, strict=True))
 
             dq_i, dk_j, dv_j = jax.lax.cond(
@@ -280,7 +272,8 @@ def _ring_bwd(cfg, res, dout):
             return (_set_block(dq, dq_i, i, c, 1), _set_block(dk, dk_j, j, c, 1),
                     _set_block(dv, dv_j, j, c, 1))
 
-        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0))
+        visible = lambda i, j: _visible(cfg, _block(q_pos, i, c, 0), _block(kv_pos, j, c, 0),
+                                        T * num_shards)
         (dq, *dkv), _ = _over_tiles(cfg, T, visible, tile, (dq, *dkv))
         # dK/dV travel with their K/V; after P hops they are back at the owner.
         return dq, _rotate(cfg, tuple(dkv))

@@ -13,7 +13,8 @@ from longjax.train.config import base_config
 
 
 class Checkpointer:
-    """Saves every `every_steps` (keeping `keep`) and restores the latest checkpoint.
+    """Saves every `every_steps` (keeping `keep`) and restores the latest checkpoint
+    (with the train state's carried recurrent states, `longjax.train.initial_state`).
 
     The workdir's `config.json` records the config; resuming with a different
     `config.model`, or onto a checkpoint whose arrays differ from the model's, is refused
@@ -51,8 +52,16 @@ class Checkpointer:
         self._check_config()
         self._check_arrays(step, state)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        # A run that switches carried states on (`config.train.initial_state`, e.g. a
+        # post-training stage) starts them afresh from a checkpoint that has none.
+        fresh_carry = (self.manager.item_metadata(step)["state"].get("carry") is None
+                       and state.carry is not None)
+        if fresh_carry:
+            target = target.replace(carry=None)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        if fresh_carry:
+            return restored["state"].replace(carry=state.carry), restored["data"]
         return restored["state"], restored["data"]
 
     def write_config(self) -> None:

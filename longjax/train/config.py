@@ -19,9 +19,10 @@ from longjax.nn.layers import MLPS
 from longjax.nn.pattern import layer_mixers
 from longjax.nn.position_bias import ABSOLUTE_EMBEDDINGS
 from longjax.train import stages as stages_lib
+from longjax.train.initial_state import INITIAL_STATES, carries
 
 DTYPES = ("float32", "bfloat16")
-PACKINGS = ("concat", "best_fit", "decomposition")
+PACKINGS = ("concat", "best_fit", "decomposition", "contiguous")
 
 
 def _option_value(value):
@@ -57,8 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
         source="stdlib", data_dir="", tfds_name="", text_field="text", train_split="train",
         eval_split="validation", path="", seq_len=256, batch_size=16,
         task="", task_options=ml_collections.ConfigDict(), eval_seq_lens=(),
-        # Long-context recipes (longjax.data.best_fit, longjax.data.decomposition):
-        # "concat" | "best_fit" | "decomposition"; with "decomposition" a step is one
+        # Long-context recipes (longjax.data.best_fit, longjax.data.decomposition,
+        # longjax.data.contiguous): "concat" | "best_fit" | "decomposition" | "contiguous"
+        # (row k+1 of each batch slot continues row k: for train.initial_state="carry");
+        # with "decomposition" a step is one
         # bucket's batch of batch_size * seq_len tokens, the bucket drawn by `curriculum`
         # (a name in decomposition.CURRICULA or odds like "64:4,128:2,256:1") over
         # `curriculum_cycles` cycles of the run.
@@ -80,6 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
         # Progressive length extension (longjax.train.stages): ((steps, seq_len, rope_base),
         # ...) run in order, steps summing to `steps`; () trains at data.seq_len throughout.
         stages=(),
+        # The states recurrent layers start each row from (longjax.train.initial_state):
+        # "zeros" | "carry" (the slot's previous row's final states; needs data.packing=
+        # "contiguous") | "other_sequence" (another row's final states of the previous
+        # step) | "noise" (Gaussian, std initial_state_noise_std).
+        initial_state="zeros", initial_state_noise_std=1.0,
     ))
     # Start from a Hugging Face checkpoint directory (longjax.hf): its config.json replaces
     # config.model (then `model_overrides`, "key=value,..." under config.model, e.g.
@@ -251,6 +259,7 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
         raise ValueError(f"config.eval.num_batches={config.eval.num_batches} must be positive, "
                          "or -1 for the whole split")
     _validate_recipes(config, num_data_shards)
+    _validate_initial_state(config, num_sequence_shards)
     _validate_sequence_shards(config, num_sequence_shards)
     stages = stages_lib.schedule(config)
     longest = max([*d.eval_seq_lens, d.pose_length, *(s.seq_len for s in stages),
@@ -262,6 +271,32 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
     if m.position_embedding == "learned" and m.max_position < longest:
         raise ValueError(f"config.model.max_position={m.max_position} must cover the longest "
                          f"length the model runs at ({longest}) with learned positions")
+
+
+def _validate_initial_state(config, sequence_shards: int) -> None:
+    """`config.train.initial_state` and the data it needs (longjax.train.initial_state)."""
+    t, d = config.train, config.data
+    if t.initial_state not in INITIAL_STATES:
+        raise ValueError(f"config.train.initial_state={t.initial_state!r}; allowed: "
+                         f"{list(INITIAL_STATES)}")
+    if not t.initial_state_noise_std >= 0:
+        raise ValueError(f"config.train.initial_state_noise_std={t.initial_state_noise_std} "
+                         "must be >= 0")
+    if t.initial_state == "carry" and d.packing != "contiguous":
+        raise ValueError("config.train.initial_state='carry' continues each batch slot's "
+                         "previous row, which needs config.data.packing='contiguous'; got "
+                         f"{d.packing!r}")
+    if t.initial_state == "zeros":
+        return
+    if sequence_shards > 1:
+        raise ValueError(f"config.train.initial_state={t.initial_state!r} is not supported "
+                         f"with the sequence split over config.parallel.sequence="
+                         f"{sequence_shards} devices; use 'zeros' or sequence=1")
+    if carries(t) and (t.stages or d.packing == "decomposition"):
+        raise ValueError(f"config.train.initial_state={t.initial_state!r} carries states of "
+                         "config.data.batch_size rows from step to step, so the batch size "
+                         "must not change: not with config.train.stages or "
+                         "config.data.packing='decomposition'")
 
 
 def _validate_sequence_shards(config, shards: int) -> None:
@@ -292,7 +327,7 @@ def _validate_recipes(config, num_data_shards: int) -> None:
         raise ValueError(f"config.data.positions={d.positions!r}; allowed: "
                          f"{list(packing.POSITIONS)}")
     pose_length = max(d.pose_length, *(s.pose_length for s in stages_lib.schedule(config)))
-    if pose_length and (d.positions != "row" or d.packing == "decomposition"
+    if pose_length and (d.positions != "row" or d.packing not in ("concat", "best_fit")
                         or d.source == "task"):
         raise ValueError(f"PoSE (config.data.pose_length or a 'pose:N' stage) needs a text "
                          "source with config.data.positions='row' and 'concat' or 'best_fit' "
@@ -311,6 +346,9 @@ def _validate_recipes(config, num_data_shards: int) -> None:
             raise ValueError(f"config.train.stages[{i}] (seq_len={stage.seq_len}) trains "
                              f"batches of {batch} rows, which do not divide over the "
                              f"{num_data_shards} data-parallel shards")
+    if d.packing == "contiguous" and d.source == "task":
+        raise ValueError("config.data.packing='contiguous' needs a text source; "
+                         "config.data.source is 'task'")
     if d.packing != "decomposition":
         return
     if d.source == "task":

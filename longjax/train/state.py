@@ -13,6 +13,7 @@ import optax
 
 from longjax.nn import DecoderLM
 from longjax.parallel.mesh import LOGICAL_RULES, logical_to_sharding, replicated
+from longjax.train import initial_state
 from longjax.train.optimizer import make_optimizer
 
 
@@ -20,6 +21,9 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
+    # The recurrent layers' final caches of the last step, when config.train.initial_state
+    # carries them (longjax.train.initial_state); None otherwise.
+    carry: Any = None
 
 
 def build_model(config) -> DecoderLM:
@@ -42,7 +46,9 @@ def state_shardings(config, model, mesh) -> TrainState:
         optimizer, lambda _, sharding: sharding, abstract_opt, param_shardings,
         transform_non_params=lambda _: replicated(mesh),
     )
-    return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+    carry = jax.eval_shape(lambda: initial_state.initial_carry(config, model))
+    return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings,
+                      carry=initial_state.carry_shardings(carry, mesh))
 
 
 def _state_init(config, model):
@@ -52,7 +58,8 @@ def _state_init(config, model):
     def init(rng):
         params = nn.unbox(_init_params(model, config, rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params))
+                          opt_state=optimizer.init(params),
+                          carry=initial_state.initial_carry(config, model))
 
     return init
 

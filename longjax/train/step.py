@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from longjax.parallel.mesh import LOGICAL_RULES, auto_axes, batch_sharding, replicated
+from longjax.train import initial_state
 from longjax.train.optimizer import learning_rate_schedule, make_optimizer
 from longjax.train.state import state_shardings
 
@@ -29,6 +30,21 @@ def loss_and_sums(params, batch, model):
     with nn.logical_axis_rules(LOGICAL_RULES):
         logits, _ = model.apply({"params": params}, batch["tokens"],
                                 segment_ids=batch["segment_ids"], positions=batch["positions"])
+    return _scored(logits, batch)
+
+
+def loss_sums_and_caches(params, batch, model, caches):
+    """`loss_and_sums` for rows whose recurrent layers start from the per-layer `caches`
+    (`longjax.train.initial_state`): `(loss, (sums, final caches))`."""
+    with nn.logical_axis_rules(LOGICAL_RULES):
+        logits, final = model.apply({"params": params}, batch["tokens"],
+                                    segment_ids=batch["segment_ids"],
+                                    positions=batch["positions"], cache=caches)
+    loss, sums = _scored(logits, batch)
+    return loss, (sums, final)
+
+
+def _scored(logits, batch):
     targets, weights = batch["targets"], batch["weights"]
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
     hits = jnp.argmax(logits, -1) == targets
@@ -100,13 +116,22 @@ def make_train_step(config, model, mesh):
     shardings = state_shardings(config, model, mesh)
 
     def step(state, batch):
-        grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
-        (loss, sums), grads = grad_fn(state.params, batch, model)
+        caches = initial_state.start_caches(
+            config.train, model, state.carry, batch,
+            jax.random.fold_in(jax.random.key(config.seed), state.step))
+        if caches is None:
+            grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
+            (loss, sums), grads = grad_fn(state.params, batch, model)
+            final = None
+        else:
+            grad_fn = jax.value_and_grad(loss_sums_and_caches, has_aux=True)
+            (loss, (sums, final)), grads = grad_fn(state.params, batch, model, caches)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         metrics = dict(sums, loss=loss, grad_norm=optax.global_norm(grads),
                        learning_rate=schedule(state.step))
         new_state = state.replace(step=state.step + 1, opt_state=opt_state,
-                                  params=optax.apply_updates(state.params, updates))
+                                  params=optax.apply_updates(state.params, updates),
+                                  carry=initial_state.next_carry(config.train, final))
         return new_state, metrics
 
     in_shardings = (shardings, batch_sharding(mesh))

@@ -43,39 +43,39 @@ def _clamp(j, lo, hi, n):
     return jnp.clip(jnp.clip(j, lo, hi - 1), 0, n - 1)
 
 
-def _kv_index(st, i, j):
-    sink_hi, lo, _, _, hi = common.kv_blocks(st, i)
-    first = 0 if sink_hi else lo
-    return _clamp(j, first, jnp.maximum(hi, sink_hi), st.nk)
+def _kv_index(spec, tiling, i, j):
+    sinks, lo, _, _, hi = tiling.key_blocks(spec, i)
+    first = jnp.where(sinks > 0, 0, lo)
+    return _clamp(j, first, jnp.maximum(hi, sinks), tiling.nk)
 
 
-def _q_index(st, j, i):
-    lo, _, _, hi = common.q_blocks(st, j)
-    return _clamp(i, lo, hi, st.nq)
+def _q_index(spec, tiling, j, i):
+    lo, _, _, hi = tiling.query_blocks(spec, j)
+    return _clamp(i, lo, hi, tiling.nq)
 
 
-def _tile_inputs(st, refs, i, j):
-    q_pos = i * st.bq + jax.lax.broadcasted_iota(jnp.int32, (st.bq, 1), 0)
-    k_idx = j * st.bk + jax.lax.broadcasted_iota(jnp.int32, (1, st.bk), 1)
+def _tile_inputs(spec, tiling, refs, i, j):
+    q_pos = i * tiling.bq + jax.lax.broadcasted_iota(jnp.int32, (tiling.bq, 1), 0)
+    k_idx = j * tiling.bk + jax.lax.broadcasted_iota(jnp.int32, (1, tiling.bk), 1)
     k_pos = k_idx
-    if st.has_positions:
+    if spec.has_positions:
         q_pos, k_pos = refs["q_pos"][:, :1], refs["k_pos"][:1, :]
     q_seg = k_seg = None
-    if st.has_segments:
+    if spec.has_segments:
         q_seg, k_seg = refs["q_seg"][:, :1], refs["k_seg"][:1, :]
     return q_pos, k_pos, k_idx, q_seg, k_seg
 
 
-def _when_visited(st, visit, full, step):
-    """Runs `step(masked)` on visited tiles, unmasked on FULL ones."""
-    if st.any_mask:
+def _when_visited(spec, tiling, visit, full, step):
+    """Runs `step(masked)` on visited tiles, unmasked on full ones."""
+    if tiling.needs_mask(spec):
         pl.when(visit & ~full)(lambda: step(True))
         pl.when(visit & full)(lambda: step(False))
     else:
         pl.when(visit)(lambda: step(False))
 
 
-def _forward_kernel(refs, st):
+def _forward_kernel(refs, spec, tiling):
     h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -84,28 +84,28 @@ def _forward_kernel(refs, st):
         refs["l"][...] = jnp.zeros(refs["l"].shape, jnp.float32)
         refs["acc"][...] = jnp.zeros(refs["acc"].shape, jnp.float32)
 
-    sink_hi, lo, full_lo, full_hi, hi = common.kv_blocks(st, i)
+    sinks, lo, full_lo, full_hi, hi = tiling.key_blocks(spec, i)
 
     def step(masked):
-        q_pos, k_pos, k_idx, q_seg, k_seg = _tile_inputs(st, refs, i, j)
-        slope = refs["slopes"][h] if st.has_alibi else None
-        s, _, _ = common.scores(st, refs["q"][...], refs["k"][...], q_pos, k_pos, slope)
-        m = common.mask(st, q_pos, k_pos, k_idx, q_seg, k_seg) if masked else None
+        q_pos, k_pos, k_idx, q_seg, k_seg = _tile_inputs(spec, tiling, refs, i, j)
+        slope = refs["slopes"][h] if spec.has_alibi else None
+        s, _, _ = common.scores(spec, refs["q"][...], refs["k"][...], q_pos, k_pos, slope)
+        m = common.mask(spec, tiling, q_pos, k_pos, k_idx, q_seg, k_seg) if masked else None
         carry = (refs["m"][...], refs["l"][...], refs["acc"][...])
         refs["m"][...], refs["l"][...], refs["acc"][...] = common.softmax_step(
             carry, s, m, refs["v"][...])
 
-    _when_visited(st, (j < sink_hi) | ((j >= lo) & (j < hi)), (j >= full_lo) & (j < full_hi),
-                  step)
+    _when_visited(spec, tiling, (j < sinks) | ((j >= lo) & (j < hi)),
+                  (j >= full_lo) & (j < full_hi), step)
 
-    @pl.when(j == st.nk - 1)
+    @pl.when(j == tiling.nk - 1)
     def _store():
         out, lse = common.finalize(refs["m"][...], refs["l"][...], refs["acc"][...])
         refs["o"][...] = out.astype(refs["o"].dtype)
         refs["lse"][...] = jnp.broadcast_to(lse, refs["lse"].shape)
 
 
-def _dq_kernel(refs, st):
+def _dq_kernel(refs, spec, tiling):
     h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -113,66 +113,67 @@ def _dq_kernel(refs, st):
         refs["dq_acc"][...] = jnp.zeros(refs["dq_acc"].shape, jnp.float32)
         refs["dslope_acc"][...] = jnp.zeros(refs["dslope_acc"].shape, jnp.float32)
 
-    sink_hi, lo, full_lo, full_hi, hi = common.kv_blocks(st, i)
+    sinks, lo, full_lo, full_hi, hi = tiling.key_blocks(spec, i)
 
     def step(masked):
-        q_pos, k_pos, k_idx, q_seg, k_seg = _tile_inputs(st, refs, i, j)
-        slope = refs["slopes"][h] if st.has_alibi else None
+        q_pos, k_pos, k_idx, q_seg, k_seg = _tile_inputs(spec, tiling, refs, i, j)
+        slope = refs["slopes"][h] if spec.has_alibi else None
         k = refs["k"][...]
-        s, tanh, dist = common.scores(st, refs["q"][...], k, q_pos, k_pos, slope)
-        m = common.mask(st, q_pos, k_pos, k_idx, q_seg, k_seg) if masked else None
-        _, ds, g = common.grad_step(st, s, tanh, m, refs["lse"][:, :1], refs["delta"][:, :1],
-                                    refs["do"][...], refs["v"][...])
+        s, tanh, dist = common.scores(spec, refs["q"][...], k, q_pos, k_pos, slope)
+        m = common.mask(spec, tiling, q_pos, k_pos, k_idx, q_seg, k_seg) if masked else None
+        _, ds, g = common.grad_step(spec, s, tanh, m, refs["lse"][:, :1],
+                                    refs["delta"][:, :1], refs["do"][...], refs["v"][...])
         refs["dq_acc"][...] += common.dot_nn(ds.astype(k.dtype), k)
-        if st.has_alibi:
+        if spec.has_alibi:
             refs["dslope_acc"][...] -= (g * dist).sum(axis=1, keepdims=True)
 
-    _when_visited(st, (j < sink_hi) | ((j >= lo) & (j < hi)), (j >= full_lo) & (j < full_hi),
-                  step)
+    _when_visited(spec, tiling, (j < sinks) | ((j >= lo) & (j < hi)),
+                  (j >= full_lo) & (j < full_hi), step)
 
-    @pl.when(j == st.nk - 1)
+    @pl.when(j == tiling.nk - 1)
     def _store():
         refs["dq"][...] = refs["dq_acc"][...].astype(refs["dq"].dtype)
-        if st.has_alibi:
+        if spec.has_alibi:
             refs["dslope"][...] = jnp.broadcast_to(refs["dslope_acc"][...], refs["dslope"].shape)
 
 
-def _dkdv_kernel(refs, st):
+def _dkdv_kernel(refs, spec, tiling):
     kh, j, n = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    g, i = n // st.nq, n % st.nq
+    g, i = n // tiling.nq, n % tiling.nq  # n runs over (query head in the group, query block)
+    G = pl.num_programs(3) // tiling.nq
 
     @pl.when(n == 0)
     def _init():
         refs["dk_acc"][...] = jnp.zeros(refs["dk_acc"].shape, jnp.float32)
         refs["dv_acc"][...] = jnp.zeros(refs["dv_acc"].shape, jnp.float32)
 
-    lo, full_lo, full_hi, hi = common.q_blocks(st, j)
+    lo, full_lo, full_hi, hi = tiling.query_blocks(spec, j)
 
     def step(masked):
-        q_pos, k_pos, k_idx, q_seg, k_seg = _tile_inputs(st, refs, i, j)
-        slope = refs["slopes"][kh * st.G + g] if st.has_alibi else None
+        q_pos, k_pos, k_idx, q_seg, k_seg = _tile_inputs(spec, tiling, refs, i, j)
+        slope = refs["slopes"][kh * G + g] if spec.has_alibi else None
         q, do = refs["q"][...], refs["do"][...]
-        s, tanh, _ = common.scores(st, q, refs["k"][...], q_pos, k_pos, slope)
-        m = common.mask(st, q_pos, k_pos, k_idx, q_seg, k_seg) if masked else None
-        p, ds, _ = common.grad_step(st, s, tanh, m, refs["lse"][:, :1], refs["delta"][:, :1],
-                                    do, refs["v"][...])
+        s, tanh, _ = common.scores(spec, q, refs["k"][...], q_pos, k_pos, slope)
+        m = common.mask(spec, tiling, q_pos, k_pos, k_idx, q_seg, k_seg) if masked else None
+        p, ds, _ = common.grad_step(spec, s, tanh, m, refs["lse"][:, :1],
+                                    refs["delta"][:, :1], do, refs["v"][...])
         refs["dk_acc"][...] += common.dot_tn(ds.astype(q.dtype), q)
         refs["dv_acc"][...] += common.dot_tn(p.astype(do.dtype), do)
 
-    _when_visited(st, (i >= lo) & (i < hi), (i >= full_lo) & (i < full_hi), step)
+    _when_visited(spec, tiling, (i >= lo) & (i < hi), (i >= full_lo) & (i < full_hi), step)
 
-    @pl.when(n == st.G * st.nq - 1)
+    @pl.when(n == pl.num_programs(3) - 1)
     def _store():
         refs["dk"][...] = refs["dk_acc"][...].astype(refs["dk"].dtype)
         refs["dv"][...] = refs["dv_acc"][...].astype(refs["dv"].dtype)
 
 
-def _call(kernel, st, inputs, specs, outputs, scratch, grid, interpret, name):
+def _call(kernel, spec, tiling, inputs, specs, outputs, scratch, grid, interpret, name):
     """`pallas_call` over dicts of named inputs, outputs `(shape, spec)` and VMEM scratch."""
     names = list(inputs) + list(outputs) + list(scratch)
 
     def wrapped(*refs):
-        kernel(dict(zip(names, refs, strict=True)), st)
+        kernel(dict(zip(names, refs, strict=True)), spec, tiling)
 
     result = pl.pallas_call(
         wrapped,
@@ -190,21 +191,21 @@ def _call(kernel, st, inputs, specs, outputs, scratch, grid, interpret, name):
     return dict(zip(outputs, result, strict=True))
 
 
-def _side(st, arrays, q_index, k_index):
+def _side(tiling, arrays, q_index, k_index):
     """Integer side inputs (lane / sublane broadcast) and their specs, given block maps."""
     inputs, specs = {}, {}
     B = arrays["q"].shape[0]
     for name in ("q_pos", "q_seg"):
         if name in arrays:
-            inputs[name] = jnp.broadcast_to(arrays[name][:, :, None], (B, st.Tp, LANES))
-            specs[name] = pl.BlockSpec((None, st.bq, LANES),
+            inputs[name] = jnp.broadcast_to(arrays[name][:, :, None], (B, tiling.Tp, LANES))
+            specs[name] = pl.BlockSpec((None, tiling.bq, LANES),
                                        lambda b, h, x, y: (b, q_index(x, y), 0))
     for name in ("k_pos", "k_seg"):
         if name in arrays:
-            inputs[name] = jnp.broadcast_to(arrays[name][:, None, :], (B, SUBLANES, st.Sp))
-            specs[name] = pl.BlockSpec((None, SUBLANES, st.bk),
+            inputs[name] = jnp.broadcast_to(arrays[name][:, None, :], (B, SUBLANES, tiling.Sp))
+            specs[name] = pl.BlockSpec((None, SUBLANES, tiling.bk),
                                        lambda b, h, x, y: (b, 0, k_index(x, y)))
-    if st.has_alibi:
+    if "slopes" in arrays:
         inputs["slopes"] = arrays["slopes"]
         specs["slopes"] = pl.BlockSpec(memory_space=pltpu.SMEM)
     return inputs, specs
@@ -219,65 +220,68 @@ def _rows(x):
     return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
 
 
-def forward(st, arrays, interpret):
+def forward(spec, tiling, arrays, interpret):
     """Padded arrays from `common.prepare` -> out `[B, Tp, H, D]`, lse `[B, H, Tp]` fp32."""
-    B, G = arrays["q"].shape[0], st.G
+    B, _, H, D = arrays["q"].shape
+    G = H // arrays["k"].shape[2]
+    bq, bk = tiling.bq, tiling.bk
+    kv_index = lambda i, j: _kv_index(spec, tiling, i, j)  # noqa: E731
     q, k, v = (_heads_major(arrays[n]) for n in ("q", "k", "v"))
-    q_spec = pl.BlockSpec((None, None, st.bq, st.D), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, st.bk, st.D),
-                           lambda b, h, i, j: (b, h // G, _kv_index(st, i, j), 0))
-    row_spec = pl.BlockSpec((None, None, st.bq, LANES), lambda b, h, i, j: (b, h, i, 0))
-    inputs, specs = _side(st, arrays, lambda i, j: i, lambda i, j: _kv_index(st, i, j))
+    q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, i, j: (b, h // G, kv_index(i, j), 0))
+    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0))
+    inputs, specs = _side(tiling, arrays, lambda i, j: i, kv_index)
     inputs = dict(q=q, k=k, v=v, **inputs)
     specs.update(q=q_spec, k=kv_spec, v=kv_spec)
     outputs = dict(o=(jax.ShapeDtypeStruct(q.shape, q.dtype), q_spec),
-                   lse=(jax.ShapeDtypeStruct((B, st.H, st.Tp, LANES), jnp.float32), row_spec))
-    scratch = dict(m=(st.bq, 1), l=(st.bq, 1), acc=(st.bq, st.D))
-    res = _call(_forward_kernel, st, inputs, specs, outputs, scratch, (B, st.H, st.nq, st.nk),
-                interpret, "flash_attention_fwd")
+                   lse=(jax.ShapeDtypeStruct((B, H, tiling.Tp, LANES), jnp.float32), row_spec))
+    scratch = dict(m=(bq, 1), l=(bq, 1), acc=(bq, D))
+    res = _call(_forward_kernel, spec, tiling, inputs, specs, outputs, scratch,
+                (B, H, tiling.nq, tiling.nk), interpret, "flash_attention_fwd")
     return _heads_major(res["o"]), res["lse"][..., 0]
 
 
-def backward(st, arrays, do, lse, delta, interpret):
+def backward(spec, tiling, arrays, do, lse, delta, interpret):
     """dq, dk, dv (padded, `[B, T, *, D]`) and the per-row ALiBi slope gradient or None."""
-    B, G = arrays["q"].shape[0], st.G
+    B, _, H, D = arrays["q"].shape
+    K = arrays["k"].shape[2]
+    G = H // K
+    bq, bk, nq = tiling.bq, tiling.bk, tiling.nq
+    kv_index = lambda i, j: _kv_index(spec, tiling, i, j)  # noqa: E731
     q, k, v, do = (_heads_major(x) for x in (arrays["q"], arrays["k"], arrays["v"], do))
     lse, delta = _rows(lse), _rows(delta)
 
     # dq: grid (B, H, query block, key block).
-    q_spec = pl.BlockSpec((None, None, st.bq, st.D), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, st.bk, st.D),
-                           lambda b, h, i, j: (b, h // G, _kv_index(st, i, j), 0))
-    row_spec = pl.BlockSpec((None, None, st.bq, LANES), lambda b, h, i, j: (b, h, i, 0))
-    inputs, specs = _side(st, arrays, lambda i, j: i, lambda i, j: _kv_index(st, i, j))
+    q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, i, j: (b, h // G, kv_index(i, j), 0))
+    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0))
+    inputs, specs = _side(tiling, arrays, lambda i, j: i, kv_index)
     inputs = dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, **inputs)
     specs.update(q=q_spec, k=kv_spec, v=kv_spec, do=q_spec, lse=row_spec, delta=row_spec)
     outputs = dict(dq=(jax.ShapeDtypeStruct(q.shape, q.dtype), q_spec))
-    if st.has_alibi:
+    if spec.has_alibi:
         outputs["dslope"] = (jax.ShapeDtypeStruct(lse.shape, jnp.float32), row_spec)
-    scratch = dict(dq_acc=(st.bq, st.D), dslope_acc=(st.bq, 1))
-    res = _call(_dq_kernel, st, inputs, specs, outputs, scratch, (B, st.H, st.nq, st.nk),
-                interpret, "flash_attention_dq")
+    scratch = dict(dq_acc=(bq, D), dslope_acc=(bq, 1))
+    res = _call(_dq_kernel, spec, tiling, inputs, specs, outputs, scratch,
+                (B, H, nq, tiling.nk), interpret, "flash_attention_dq")
 
     # dk / dv: grid (B, kv head, key block, group head x query block).
-    nq = st.nq
-
     def q_block(j, n):
-        return _q_index(st, j, n % nq)
+        return _q_index(spec, tiling, j, n % nq)
 
-    q_spec = pl.BlockSpec((None, None, st.bq, st.D),
+    q_spec = pl.BlockSpec((None, None, bq, D),
                           lambda b, h, j, n: (b, h * G + n // nq, q_block(j, n), 0))
-    kv_spec = pl.BlockSpec((None, None, st.bk, st.D), lambda b, h, j, n: (b, h, j, 0))
-    row_spec = pl.BlockSpec((None, None, st.bq, LANES),
+    kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, j, n: (b, h, j, 0))
+    row_spec = pl.BlockSpec((None, None, bq, LANES),
                             lambda b, h, j, n: (b, h * G + n // nq, q_block(j, n), 0))
-    side, side_specs = _side(st, arrays, lambda j, n: q_block(j, n), lambda j, n: j)
+    side, side_specs = _side(tiling, arrays, lambda j, n: q_block(j, n), lambda j, n: j)
     inputs = dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, **side)
     specs = dict(q=q_spec, k=kv_spec, v=kv_spec, do=q_spec, lse=row_spec, delta=row_spec,
                  **side_specs)
     outputs = dict(dk=(jax.ShapeDtypeStruct(k.shape, k.dtype), kv_spec),
                    dv=(jax.ShapeDtypeStruct(v.shape, v.dtype), kv_spec))
-    scratch = dict(dk_acc=(st.bk, st.D), dv_acc=(st.bk, st.D))
-    res.update(_call(_dkdv_kernel, st, inputs, specs, outputs, scratch,
-                     (B, st.K, st.nk, G * nq), interpret, "flash_attention_dkdv"))
-    dslope = res["dslope"][..., 0] if st.has_alibi else None
+    scratch = dict(dk_acc=(bk, D), dv_acc=(bk, D))
+    res.update(_call(_dkdv_kernel, spec, tiling, inputs, specs, outputs, scratch,
+                     (B, K, tiling.nk, G * nq), interpret, "flash_attention_dkdv"))
+    dslope = res["dslope"][..., 0] if spec.has_alibi else None
     return (_heads_major(res["dq"]), _heads_major(res["dk"]), _heads_major(res["dv"]), dslope)

@@ -1,5 +1,8 @@
 """Synthetic tasks generated on the fly, deterministic in `(seed, step)`.
 
+(The RULER-style long-context tasks, prompts to generate from rather than training
+batches, are `longjax.data.tasks.ruler`.)
+
 `task_batch(name, *, seed, step, batch_size, seq_len, **options)` returns numpy arrays
 `[batch_size, seq_len]`: `tokens`, `targets` (the next token; PAD where the next token is
 padding or past the row), `weights` (1.0 where the loss and the accuracy count),
@@ -184,7 +187,7 @@ def _length_spec(instance) -> _Task:
 
 # --- Passkey retrieval (Mohtashami & Jaggi 2023) --------------------------------------
 
-_FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
+FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
            "There and back again. ")
 
 
@@ -213,7 +216,7 @@ def _passkey(rng, batch_size, seq_len, depth, num_digits, encode=_ascii):
     """Passkey rows built from pieces each encoded by `encode` (text -> ids; bytes by
     default): whole filler sentences, the needle at the sentence boundary nearest `depth`
     x the filler's length, one-token spaces for the room left, the question, the key."""
-    sentences = [encode(text) for text in _FILLER]
+    sentences = [encode(text) for text in FILLER]
     space = encode(" ")
     if len(space) != 1:
         raise ValueError(f"passkey: the tokenizer must encode ' ' as one token; got {space}")
