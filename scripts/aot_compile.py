@@ -9,6 +9,11 @@ Any topology the installed libtpu knows (`v5e:2x2`, `v5e:16x16`, `v5p:4x4x8`, `v
 ...); no TPU is needed (libtpu compiles ahead of time). The mesh, shardings, dtype and
 remat come from the config, as `scripts/train.py` would run it on that slice.
 `--decode` compiles one decode token against a cache of `data.seq_len` tokens instead.
+With `--config.model.scan_layers=True` the layers compile as one loop over the mixer
+pattern's cycle, so a deep model compiles in about the time of one cycle (a 1B, 16-layer
+step at 131k tokens for v5e-16: 400 s instead of 1898 s on this project's shared 2-core
+host). XLA's FLOP and byte estimates count a loop body once: with scanned layers they
+cover one cycle of layers, and attention's blockwise loops once per call.
 """
 
 import json

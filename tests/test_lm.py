@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,3 +97,80 @@ def test_packed_documents_do_not_see_each_other():
     packed, _ = lm.apply(params, tokens, segment_ids=segments, positions=positions)
     alone, _ = lm.apply(params, tokens[:, 5:])
     np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5)
+
+
+CYCLE, REPEATS = 2, 2  # the scan tests' pattern "retention,attention" over 4 layers
+
+
+def _unrolled(scanned):
+    """The layer scan's `layers/block_<j>` parameters -> unrolled `layer_<i>`, layer
+    r * CYCLE + j being repeat r of block j (written here, not taken from longjax.nn.lm)."""
+    tree = {k: v for k, v in scanned.items() if k != "layers"}
+    for r in range(REPEATS):
+        for j in range(CYCLE):
+            tree[f"layer_{r * CYCLE + j}"] = jax.tree.map(lambda x, r=r: x[r],
+                                                          scanned["layers"][f"block_{j}"])
+    return tree
+
+
+def test_scanned_layers_equal_unrolled_layers_loss_grads_and_cache():
+    kwargs = dict(mixer="retention,attention", num_layers=CYCLE * REPEATS, remat=True)
+    unrolled, scanned = _tiny_lm(**kwargs), _tiny_lm(**kwargs, scan_layers=True)
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 259)
+    stacked = nn.unbox(jax.jit(scanned.init)(jax.random.key(1), tokens)["params"])
+    params = _unrolled(stacked)
+
+    def loss(lm, p):
+        logits, _ = lm.apply({"params": p}, tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                             tokens[:, 1:, None], -1))
+
+    want, want_grads = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p)))(params)
+    got, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(stacked)
+    assert np.isfinite(want)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5),
+                 _unrolled(got_grads), want_grads)
+    # a cached call from caches that differ per layer (random float states) returns the
+    # unrolled model's per-layer cache tuple
+    cache = unrolled.init_cache(2, 12)
+    leaves, treedef = jax.tree.flatten(cache)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    cache = treedef.unflatten([jax.random.normal(key, x.shape, x.dtype)
+                               if jnp.issubdtype(x.dtype, jnp.floating) else x
+                               for key, x in zip(keys, leaves, strict=True)])
+    want = jax.jit(unrolled.apply)({"params": params}, tokens, cache=cache)
+    got = jax.jit(scanned.apply)({"params": stacked}, tokens, cache=cache)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5), got, want)
+
+
+def test_scanned_layers_keep_each_layers_sharding_with_the_layer_axis_replicated():
+    from longjax.parallel.mesh import make_mesh
+    from longjax.train import build_model, state_shardings
+
+    config = load_config_file(f"{REPO}/configs/quickstart.py:{TINY}")
+    config.model.update(mixer="retention,attention", num_layers=CYCLE * REPEATS)
+    config.parallel.update(data=2, fsdp=2, tensor=2)
+    mesh = make_mesh(config.parallel.to_dict())
+    unrolled = state_shardings(config, build_model(config), mesh).params
+    config.model.scan_layers = True
+    scanned = state_shardings(config, build_model(config), mesh).params
+    for j in range(CYCLE):
+        jax.tree.map(lambda s, u: assert_spec(s.spec, (None, *u.spec)),
+                     scanned["layers"][f"block_{j}"], unrolled[f"layer_{j}"])
+
+
+def assert_spec(got, want):
+    assert tuple(got) + (None,) * (len(want) - len(got)) == tuple(want), (got, want)
+
+
+def test_scanned_layers_refuse_hugging_face_checkpoints():
+    from longjax.hf.config import hf_config
+    from longjax.train.config import with_hf_init
+
+    config = load_config_file(f"{REPO}/configs/quickstart.py:{TINY},model.scan_layers=True")
+    with pytest.raises(ValueError, match="scan_layers=True stacks the layers"):
+        hf_config(config.model)
+    config.init.hf = "any/checkpoint"
+    with pytest.raises(ValueError, match="config.model.scan_layers must be False"):
+        with_hf_init(config)

@@ -161,3 +161,25 @@ def test_errors():
                             mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
     with pytest.raises(ValueError, match="axis_name 'ring' is not a mesh axis bound"):
         unbound(q, k, v)
+
+
+def test_ring_inside_a_differentiated_layer_scan_keeps_no_per_tile_residuals():
+    """A layer scan (`model.scan_layers`) over ring attention, differentiated: the ring's
+    custom VJP recomputes from q, k, v, out and lse, so no value holds one entry per tile
+    (n * n = 256 tiles of 4 tokens here; a fori_loop over tiles stored each tile's block)."""
+    P, T, block = 2, 128, 4
+    tiles = (T // P // block) ** 2
+    q, k, v, _, _ = make_inputs(jnp.float32, B=1, T=T, H=2, K=1, D=4)
+    mesh = make_mesh({"data": 4, "sequence": P})
+    spec = PartitionSpec(None, "sequence")
+    ring = jax.shard_map(functools.partial(ring_attention, axis_name="sequence", causal=True,
+                                           block_size=block),
+                         mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+    def loss(w):
+        def layer(x, w_l):
+            return jax.checkpoint(ring)(x * w_l, k, v), None
+        return jax.lax.scan(layer, q, w)[0].sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(jnp.ones((2, 1, 1, 2, 4))))
+    assert f"[{tiles}," not in jaxpr

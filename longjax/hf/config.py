@@ -240,6 +240,9 @@ def model_config(hf: dict, *, dtype: str = "float32") -> ml_collections.ConfigDi
 
 def family(model) -> str:
     """The architecture that expresses a longjax `config.model` (before checking it)."""
+    if model.get("scan_layers", False):
+        raise ValueError("config.model.scan_layers=True stacks the layers' parameters; "
+                         "Hugging Face checkpoints hold unrolled layers: use scan_layers=False")
     mixers = set(layer_mixers(model.mixer, model.num_layers))
     if mixers == {"mamba"}:
         return "MambaForCausalLM"

@@ -12,6 +12,15 @@ logits divided by sqrt(d_model); on by default, off for imported checkpoints) an
 decimates those Mamba layers as DeciMamba does (Ben-Kish et al. 2024; `MambaMixer`):
 from that layer on the stream holds only the tokens it kept, and the logits of the
 dropped tokens come back as zeros (uniform), so only the kept positions are scored.
+
+`scan_layers` (off by default) runs the layers as one `flax.linen.scan` over the
+repeats of the mixer pattern's cycle (`Cycle`: one block per mixer of the cycle), as
+MaxText does: the compiled program holds one cycle whatever the depth, so compiling a
+deep model for a TPU slice takes the time of a shallow one. The parameters then live
+under `layers/block_<j>` (j the position in the cycle) with a leading axis of
+`num_layers / cycle` repeats, whose logical name `layers` is replicated
+(`longjax.parallel.mesh.LOGICAL_RULES`); layer `r * cycle + j` of the unrolled model is
+repeat `r` of `block_<j>`. Remat, when on, wraps each block as in the unrolled model.
 """
 
 from __future__ import annotations
@@ -19,11 +28,12 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from longjax.nn.layers import GatedMLP, RMSNorm, dense
-from longjax.nn.pattern import layer_mixers
+from longjax.nn.pattern import expand_pattern, layer_mixers
 from longjax.nn.position_bias import AbsolutePositions
 from longjax.nn.registry import build_mixer
 
@@ -66,6 +76,41 @@ class Block(nn.Module):
             x = x + (norm("mlp_post_norm")(h) if post_norms else h)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return (x, cache) if self.decimation is None else (x, cache, kept[0])
+
+
+def _block_cls(cfg):
+    return nn.remat(Block, static_argnums=()) if cfg.remat else Block
+
+
+class Cycle(nn.Module):
+    """One cycle of the mixer pattern: a block per name of `mixer_names`, in order; the
+    carry of `DecoderLM`'s layer scan (`cache` is a tuple with one entry per block)."""
+
+    model: ml_collections.FrozenConfigDict
+    mixer_names: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions, cache):
+        block_cls = _block_cls(self.model)
+        new_cache = []
+        for j, name in enumerate(self.mixer_names):
+            x, block_cache = block_cls(self.model, name, name=f"block_{j}")(
+                x, segment_ids, positions, None if cache is None else cache[j])
+            new_cache.append(block_cache)
+        return x, None if cache is None else tuple(new_cache)
+
+
+def _stack_cycles(per_layer, cycle):
+    """Per-layer entries `(l_0, ..., l_{L-1})` -> per cycle position j the entries of
+    layers j, j + cycle, ... stacked on a leading axis (the layer scan's input)."""
+    return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer[j::cycle])
+                 for j in range(cycle))
+
+
+def _unstack_cycles(stacked, cycle, repeats):
+    """The inverse of `_stack_cycles`: back to one entry per layer, in layer order."""
+    return tuple(jax.tree.map(lambda x, r=r: x[r], stacked[i % cycle])
+                 for r in range(repeats) for i in range(r * cycle, (r + 1) * cycle))
 
 
 class DecoderLM(nn.Module):
@@ -123,19 +168,11 @@ class DecoderLM(nn.Module):
             x = x + AbsolutePositions(kind, cfg.d_model, cfg.get("max_position", 0),
                                       name="position_embedding")(positions).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
-        decimation = self.decimation()
-        index = None  # the input position of each stream position, once decimated
-        new_cache = []
-        for i, name in enumerate(self.layer_mixers()):
-            x, layer_cache, *kept = block_cls(cfg, name, decimation.get(i), name=f"layer_{i}")(
-                x, segment_ids, positions, None if cache is None else cache[i])
-            if kept and kept[0] is not None:
-                take = functools.partial(jnp.take_along_axis, indices=kept[0], axis=1)
-                segment_ids, positions = (None if v is None else take(v)
-                                          for v in (segment_ids, positions))
-                index = kept[0] if index is None else take(index)
-            new_cache.append(layer_cache)
+        if cfg.get("scan_layers", False):
+            x, new_cache = self._scanned_layers(x, segment_ids, positions, cache)
+            index = None
+        else:
+            x, new_cache, index = self._unrolled_layers(x, segment_ids, positions, cache)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -154,6 +191,25 @@ class DecoderLM(nn.Module):
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, None if cache is None else tuple(new_cache)
 
+    def _unrolled_layers(self, x, segment_ids, positions, cache):
+        """The layers one after another: `(x, new_cache, index)`, `index` the input
+        position of each stream position once a layer decimated (else None)."""
+        cfg = self.model
+        decimation = self.decimation()
+        index = None
+        new_cache = []
+        for i, name in enumerate(self.layer_mixers()):
+            x, layer_cache, *kept = _block_cls(cfg)(cfg, name, decimation.get(i),
+                                                    name=f"layer_{i}")(
+                x, segment_ids, positions, None if cache is None else cache[i])
+            if kept and kept[0] is not None:
+                take = functools.partial(jnp.take_along_axis, indices=kept[0], axis=1)
+                segment_ids, positions = (None if v is None else take(v)
+                                          for v in (segment_ids, positions))
+                index = kept[0] if index is None else take(index)
+            new_cache.append(layer_cache)
+        return x, new_cache, index
+
     def decimation(self) -> dict[int, tuple[int, int]]:
         """`{layer: (K, R)}` from `model.decimation`; ValueError unless each is a Mamba
         layer."""
@@ -165,4 +221,20 @@ class DecoderLM(nn.Module):
                                  f"layer; the layers are {list(mixers)}")
             out[layer] = (int(keep), int(keep_last))
         return out
+
+    def _scanned_layers(self, x, segment_ids, positions, cache):
+        """The layers as a scan over the pattern cycle's repeats (`model.scan_layers`)."""
+        if self.decimation():
+            raise ValueError("config.model.decimation needs unrolled layers "
+                             "(config.model.scan_layers=False): a scan has one stream length")
+        names = tuple(expand_pattern(self.model.mixer))
+        cycle, repeats = len(names), len(self.layer_mixers()) // len(names)
+        layers = nn.scan(
+            Cycle, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0), length=repeats,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(self.model, names, name="layers")
+        stacked = None if cache is None else _stack_cycles(cache, cycle)
+        x, stacked = layers(x, segment_ids, positions, stacked)
+        return x, None if cache is None else _unstack_cycles(stacked, cycle, repeats)
 

@@ -44,7 +44,8 @@ def register_mixer(name: str, *, module: type[nn.Module], only: Sequence[str] | 
 
     The options are `module`'s fields with a default, at that default: those in `only`
     when given, less the fields set from the model config by the factory or the LM
-    (`from_model`, and dtype); `extra`: the factory's own options (name -> default), no module field.
+    (`from_model`, and dtype); `extra`: the factory's own options (name -> default), no
+    module field.
     """
     fields = {f.name: f.default for f in dataclasses.fields(module)
               if f.default is not dataclasses.MISSING

@@ -28,6 +28,7 @@ LOGICAL_RULES = (
     ("vocab", "tensor"),
     ("kv", None),
     ("norm", None),
+    ("layers", None),  # the stacked layers of a layer scan (config.model.scan_layers)
 )
 
 

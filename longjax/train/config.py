@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tied logits divided by sqrt(d_model), final logit soft-cap.
         mlp="swiglu", post_norms=False, scale_embeddings=False, scale_tied_logits=True,
         final_logit_softcap=config_dict.placeholder(float),
+        # One flax scan over the repeats of the mixer pattern's cycle instead of unrolled
+        # layers (longjax.nn.lm): compile time independent of depth; parameters stacked.
+        scan_layers=False,
     ))
     c.model.mixer_options = ml_collections.ConfigDict({
         name: {k: _option_value(v) for k, v in registry.mixer_defaults(name).items()}
@@ -103,6 +106,9 @@ def with_hf_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     `config.data.tokenizer` unless one is set; unchanged when `config.init.hf` is ""."""
     if not config.init.hf:
         return config
+    if config.model.scan_layers:
+        raise ValueError("config.init.hf reads unrolled layers; config.model.scan_layers "
+                         "must be False")
     from longjax import hf  # longjax.hf builds on this module's base_config
 
     config = ml_collections.ConfigDict(config.to_dict())
