@@ -62,6 +62,7 @@ from typing import NamedTuple
 import numpy as np
 
 from longjax.data.tasks import jrt as jrt_lib
+from longjax.data.tasks.options import with_defaults
 from longjax.data.tokenizer import PAD
 
 _MAX_SYMBOLS = 127
@@ -271,13 +272,7 @@ TASKS: dict[str, dict] = {name: dict(spec.defaults) for name, spec in _SPECS.ite
 
 def _options(name: str, options: dict) -> dict:
     """`options` over the task's defaults; ValueError for an unknown task or option."""
-    if name not in _SPECS:
-        raise ValueError(f"unknown task {name!r}; allowed: {sorted(_SPECS)}")
-    unknown = set(options) - set(_SPECS[name].defaults)
-    if unknown:
-        raise ValueError(f"{name}: unknown task_options {sorted(unknown)}; "
-                         f"allowed: {sorted(_SPECS[name].defaults)}")
-    return {**_SPECS[name].defaults, **options}
+    return with_defaults(name, options, TASKS)
 
 
 def task_seq_len(name: str, max_length: int | None = None, **options) -> int:

@@ -65,6 +65,7 @@ from longjax.data.tasks.haystack import (
     haystack_units,
     insert,
 )
+from longjax.data.tasks.options import with_defaults
 from longjax.data.tokenizer import ByteTokenizer
 
 NEEDLE_HAYSTACKS = (*HAYSTACKS, "needles")
@@ -317,13 +318,7 @@ DEPTH_TASKS = tuple(name for name, spec in _SPECS.items() if spec.draft in (_nia
 
 def _options(task: str, options: dict) -> dict:
     """`options` over the task's defaults, checked; ValueError names the bad one."""
-    if task not in _SPECS:
-        raise ValueError(f"unknown RULER task {task!r}; allowed: {list(_SPECS)}")
-    unknown = set(options) - set(_SPECS[task].defaults)
-    if unknown:
-        raise ValueError(f"{task}: unknown options {sorted(unknown)}; allowed: "
-                         f"{sorted(_SPECS[task].defaults)}")
-    options = {**_SPECS[task].defaults, **options}
+    options = with_defaults(task, options, RULER_TASKS, kind="RULER task", field="options")
     for name, value in options.items():
         if name == "haystack":
             allowed = NEEDLE_HAYSTACKS if _SPECS[task].draft is _niah else HAYSTACKS
