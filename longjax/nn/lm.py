@@ -195,12 +195,11 @@ class DecoderLM(nn.Module):
         """The layers one after another: `(x, new_cache, index)`, `index` the input
         position of each stream position once a layer decimated (else None)."""
         cfg = self.model
-        decimation = self.decimation()
+        block_cls, decimation = _block_cls(cfg), self.decimation()
         index = None
         new_cache = []
         for i, name in enumerate(self.layer_mixers()):
-            x, layer_cache, *kept = _block_cls(cfg)(cfg, name, decimation.get(i),
-                                                    name=f"layer_{i}")(
+            x, layer_cache, *kept = block_cls(cfg, name, decimation.get(i), name=f"layer_{i}")(
                 x, segment_ids, positions, None if cache is None else cache[i])
             if kept and kept[0] is not None:
                 take = functools.partial(jnp.take_along_axis, indices=kept[0], axis=1)
