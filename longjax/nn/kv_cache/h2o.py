@@ -9,7 +9,9 @@ heads of the KV head). A call's queries read the kept tokens and the call's own 
 their attention is added to the scores, then each head keeps its N of highest priority:
 one decode step evicts the lowest-score non-recent token (the paper's greedy eviction);
 a prefill chunk scores the chunk's tokens by the chunk's causal attention and keeps the
-recent and the heaviest (the paper's prefill).
+recent and the heaviest (the paper's prefill). The scores come from the call's attention
+probabilities, materialised: O(B H T (N + T)) memory per call, so long prompts go in
+chunks.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ POOLINGS = ("max", "avg")
 @dataclasses.dataclass(frozen=True)
 class SnapKVCache(CachePolicy):
     """Cache: `selection`'s, with `"selected"` `[B, N, K]` bool. Options: `window` (the
-    observation window and the kept tail, default 32 as in the paper), `kernel_size`
-    (default 7, odd), `pooling` ("max", the default, or "avg")."""
+    observation window and the kept tail, default 32 as in the released code),
+    `kernel_size` (default 7, odd), `pooling` ("max", the default: a needle's neighbours
+    share its peak and padding zeros do not dilute it; or "avg", the released default)."""
 
     cache_budget: int | None
     cache_options: tuple
