@@ -300,7 +300,7 @@ def test_cache_policy_flags_and_methods():
     from absl import flags
 
     from longjax.eval import cache_flags
-    from longjax.eval.methods import apply_method, method_overrides
+    from longjax.eval.methods import apply_method, cache_method, method_overrides
 
     fv = flags.FlagValues()
     cache_flags.define_flags(fv)
@@ -312,6 +312,9 @@ def test_cache_policy_flags_and_methods():
         "rope_scaling": "yarn", "rope_scaling_factor": 2.0, "train_length": 16,
         "cache_mode": "snapkv", "cache_budget": 64,
         "cache_options": (("pooling", "avg"), ("window", 16))}
+    assert cache_method("streaming", 64) == "streaming:64"
+    assert method_overrides("lm_infinite:64", train_length=16, eval_length=64) == {
+        "cache_mode": "lm_infinite", "num_sinks": 10, "window": 54, "train_length": 16}
     model = ml_collections.ConfigDict(dict(
         d_model=16, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32",
         mixer="attention", mixer_options={"attention": {}}))
@@ -322,7 +325,8 @@ def test_cache_policy_flags_and_methods():
             ("cache:h2o:0", "the cache budget must be a positive int; got '0'"),
             ("cache:h2o:8:recent", "cache options are 'name=value'"),
             ("cache:h2o", "cache_budget must be an int >= 1 for cache_mode='h2o'"),
-            ("cache:h2o:8:window=2", "cache_options.window: not an option of")):
+            ("cache:h2o:8:window=2", "cache_options.window: not an option of"),
+            ("streaming:4", r"'streaming:B' with B an int > 4 \(its sinks\)")):
         with pytest.raises(ValueError, match=message):
             apply_method(model, method, train_length=16, eval_length=64)
     fv = flags.FlagValues()

@@ -12,9 +12,9 @@ parameters, so the trained parameters still load. Parts compose with `+`
 - `giraffe`: Giraffe's truncated RoPE basis (Pal et al. 2023) with
   `positions.giraffe_params(L, n)`.
 - `lm_infinite`: LM-Infinite (Han et al. 2023): 10 sinks, a window of L and no distance
-  beyond L.
+  beyond L; `lm_infinite:B`: a cache budget of B tokens (10 sinks, a window of B - 10).
 - `streaming`: StreamingLLM (Xiao et al. 2023): 4 sinks and a window of L - 4, positions
-  re-assigned inside the cache.
+  re-assigned inside the cache; `streaming:B`: a cache budget of B (a window of B - 4).
 - `window`: sliding-window attention over the last L tokens.
 - `self_extend:G:W`: Self-Extend (Jin et al. 2024): exact RoPE positions within W tokens,
   positions grouped by G beyond.
@@ -23,7 +23,8 @@ parameters, so the trained parameters still load. Parts compose with `+`
   (`h2o`, `snapkv`, `streaming`, ...) with a budget of B tokens per layer and KV head and
   its `cache_options` (`cache:snapkv:64:window=16:kernel_size=5`); what the scripts'
   `--cache_policy`, `--cache_budget`, `--cache_options` add to every method
-  (`cache_method`). Text and teacher-forced rows are then scored through the cache
+  (`cache_method`; `--cache_policy=streaming` and `lm_infinite` give the methods above,
+  with their papers' sinks). Text and teacher-forced rows are then scored through the cache
   (`reads_through_cache`), since the selection policies' full forward is full attention.
 
 Mamba methods set options of the Mamba mixer (`config.model.mixer_options.mamba`, see
@@ -59,13 +60,14 @@ from longjax.ops import positions
 ROPE_SCALINGS = tuple(s for s in positions.ROPE_SCALINGS
                       if s not in ("none", "longrope", "truncated"))
 MAMBA_SCALES = ("delta_scale", "decay_scale", "input_scale")
-ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "giraffe", "lm_infinite", "streaming",
-           "window", "self_extend:G:W", "logn", "cache:NAME[:B][:option=value...]",
+ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "giraffe", "lm_infinite[:B]",
+           "streaming[:B]", "window", "self_extend:G:W", "logn", "cache:NAME[:B][:option=value...]",
            *(f"{s}:S" for s in MAMBA_SCALES), "state_norm:C", "decimation:I:K")
 MAMBA_METHODS = (*MAMBA_SCALES, "state_norm", "decimation")
 DECIMATION_KEEP_LAST = 8
 LM_INFINITE_SINKS = 10
 STREAMING_SINKS = 4
+SINKS = {"streaming": STREAMING_SINKS, "lm_infinite": LM_INFINITE_SINKS}
 _OPTIONS = "config.model.mixer_options.attention"
 
 
@@ -87,6 +89,11 @@ def parse_method(method: str) -> list[tuple[str, tuple[str, ...]]]:
                                  f"neighbour window, 'self_extend:G:W' with positive ints")
         elif name == "cache":
             _cache_options(method, args)
+        elif name in SINKS:
+            if len(args) > 1 or args and not (args[0].isdigit()
+                                              and int(args[0]) > SINKS[name]):
+                raise ValueError(f"method {method!r}: {name} takes an optional cache budget, "
+                                 f"'{name}:B' with B an int > {SINKS[name]} (its sinks)")
         elif name in (*MAMBA_SCALES, "state_norm"):
             if len(args) != 1:
                 raise ValueError(f"method {method!r}: {name!r} takes one number > 0, "
@@ -145,8 +152,15 @@ def _option_value(text: str):
 
 def cache_method(policy: str, budget: int | None = None, options=()) -> str:
     """The method part `cache:policy[:budget][:name=value...]` from the scripts' flags
-    (`options`: "name=value" strings), checked."""
-    part = ":".join(["cache", policy, *([] if budget is None else [str(budget)]), *options])
+    (`options`: "name=value" strings), checked; StreamingLLM and LM-Infinite without
+    options are their methods `streaming[:budget]`, `lm_infinite[:budget]` (the papers'
+    sinks)."""
+    budget_args = [] if budget is None else [str(budget)]
+    if policy in SINKS and not options:
+        part = ":".join([policy, *budget_args])
+        parse_method(part)
+        return part
+    part = ":".join(["cache", policy, *budget_args, *options])
     parse_method(part)
     return part
 
@@ -194,8 +208,12 @@ def method_overrides(method: str, *, train_length: int, eval_length: int) -> dic
                     "rope_scaling_params": positions.canonical_rope_params(
                         positions.giraffe_params(L, max(L, eval_length)))}
         elif name == "lm_infinite":
-            part = {"cache_mode": "lm_infinite", "num_sinks": LM_INFINITE_SINKS, "window": L,
-                    "train_length": L}
+            window = int(args[0]) - LM_INFINITE_SINKS if args else L
+            part = {"cache_mode": "lm_infinite", "num_sinks": LM_INFINITE_SINKS,
+                    "window": window, "train_length": L}
+        elif name == "streaming" and args:
+            part = {"cache_mode": "streaming", "num_sinks": STREAMING_SINKS,
+                    "window": int(args[0]) - STREAMING_SINKS}
         elif name == "streaming":
             if L <= STREAMING_SINKS:
                 raise ValueError(f"method {method!r}: streaming keeps {STREAMING_SINKS} sinks "
