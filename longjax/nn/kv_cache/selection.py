@@ -18,8 +18,6 @@ import jax.numpy as jnp
 from longjax.nn.kv_cache.base import KeyPart, NewTokens
 from longjax.ops.attention import attention_weights
 
-_TOKEN_ARRAYS = ("k", "v", "positions", "segment_ids")
-
 
 def check_unwindowed(policy, where):
     """Raises ValueError naming `where.window` / `num_sinks` when set: the selection
