@@ -1,9 +1,11 @@
 """KV-cache policies of the attention mixer (`cache_mode`), chosen by name: `"full"`,
-`"rolling"`, `"streaming"`, `"lm_infinite"`. The interface is in `base`, the per-head
-budgeted cache of the selection policies in `selection`; each policy module registers its
-policies on import."""
+`"rolling"`, `"streaming"`, `"lm_infinite"`, `"quest"`, `"infllm"`, `"squeezed"`. The
+interface is in `base`, the per-head budgeted cache of the selection policies in
+`selection`, the cache that keeps every token and reads a subset per query (Quest, InfLLM,
+Squeezed Attention) in `stored`; each policy module registers its policies on import."""
 
-from longjax.nn.kv_cache import full, window  # noqa: F401  (registers the policies)
+# Importing the policy modules registers the policies.
+from longjax.nn.kv_cache import full, infllm, quest, squeezed, window  # noqa: F401
 from longjax.nn.kv_cache.base import (
     CachePolicy,
     KeyPart,
