@@ -240,11 +240,15 @@ def _forward(mixer, params):
         lambda x: mixer.apply(params, x, segment_ids=SEG, positions=POS)[0])(X))
 
 
+@pytest.fixture(scope="module")
+def full_attention(params):
+    return _forward(_mixer("full", None), params)
+
+
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_budget_covering_the_context_is_full_attention(name, params):
+def test_budget_covering_the_context_is_full_attention(name, params, full_attention):
     """Budget = the context (RoPE, GQA, the left-padded row): streamed in chunks of 6,
     the outputs are full attention's."""
-    want = _forward(_mixer("full", None), params)
     mixer = _mixer(name, T)
     step = jax.jit(lambda x, seg, pos, c: mixer.apply(params, x, segment_ids=seg, positions=pos,
                                                       cache=c))
@@ -253,7 +257,7 @@ def test_budget_covering_the_context_is_full_attention(name, params):
         y, cache = step(X[:, lo:lo + 6], SEG[:, lo:lo + 6], POS[:, lo:lo + 6], cache)
         got.append(y)
     real = SEG != 0
-    np.testing.assert_allclose(np.concatenate(got, 1)[real], want[real], atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(got, 1)[real], full_attention[real], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
@@ -276,3 +280,21 @@ def test_mixer_attends_to_the_keys_read(name, params):
         out = np.einsum("hts,shd->thd", w / w.sum(-1, keepdims=True), np.repeat(v, G, axis=1))
         np.testing.assert_allclose(got[b, real], np.einsum("thd,hdc->tc", out, p["out"]),
                                    atol=1e-5, err_msg=f"{name} row {b}")
+
+
+@pytest.mark.parametrize("name, budget, options, message", [
+    ("quest", None, {}, r"cache_budget must be an int >= 1 for cache_mode='quest'"),
+    ("quest", 8, {"page_size": 0}, r"cache_options.page_size must be a positive int"),
+    ("infllm", 12, {"num_representatives": 4}, r"num_representatives must be an int in \[1, "
+                                               r"block_size=3\]"),
+    ("infllm", 12, {"top_k_blocks": -1}, r"top_k_blocks must be an int >= 0 or None"),
+    ("infllm", 8, {}, r"cache_budget=8 leaves no local window"),
+    ("squeezed", 6, {"num_clusters": 0}, r"cache_options.num_clusters must be a positive int"),
+    ("squeezed", 6, {"fixed_length": 0}, r"fixed_length must be a positive int or None"),
+])
+def test_bad_options_are_named(name, budget, options, message):
+    spec = POLICIES[name]
+    config = _options(name, budget)
+    config.cache_options = tuple(sorted({**spec["options"], **options}.items()))
+    with pytest.raises(ValueError, match=message):
+        cache_policy(name, config, where="test")
