@@ -86,8 +86,8 @@ def most_recent(cands, count):
 
 def keep(cands, priority, budget, end):
     """The cache of each head's `budget` candidates of highest `priority` `[B, N + T, K]`
-    (-inf: never kept, the slot is emptied), in ascending position order after the empty
-    slots; `end` the tokens seen."""
+    (-inf: never kept, the slot is emptied, its state zero), in ascending position order
+    after the empty slots; `end` the tokens seen."""
     order = jax.lax.top_k(jnp.moveaxis(priority, 1, 2), budget)[1]  # [B, K, N]
     kept = jnp.moveaxis(jnp.take_along_axis(jnp.moveaxis(priority, 1, 2), order, 2), 2, 1)
     order = jnp.moveaxis(order, 2, 1)  # [B, N, K]
@@ -100,7 +100,7 @@ def keep(cands, priority, budget, end):
     for name, value in cands.items():
         idx = order if value.ndim == 3 else order[..., None]
         out[name] = jnp.take_along_axis(value, idx, 1)
-    out["positions"] = jnp.where(real, out["positions"], -1)
-    out["segment_ids"] = jnp.where(real, out["segment_ids"], 0)
+        if name not in ("k", "v"):
+            out[name] = jnp.where(real, out[name], -1 if name == "positions" else 0)
     out["end"] = end
     return out
