@@ -291,10 +291,14 @@ def test_mixer_attends_to_the_keys_read(name, params):
     ("infllm", 8, {}, r"cache_budget=8 leaves no local window"),
     ("squeezed", 6, {"num_clusters": 0}, r"cache_options.num_clusters must be a positive int"),
     ("squeezed", 6, {"fixed_length": 0}, r"fixed_length must be a positive int or None"),
+    ("quest", 8, {"window": 4}, r"test.window and num_sinks must be unset for "
+                                r"cache_mode='quest'"),
+    ("infllm", 12, {"window": 4}, r"test.window must be unset for cache_mode='infllm'"),
 ])
 def test_bad_options_are_named(name, budget, options, message):
     spec = POLICIES[name]
     config = _options(name, budget)
+    config.window = options.pop("window", None)
     config.cache_options = tuple(sorted({**spec["options"], **options}.items()))
     with pytest.raises(ValueError, match=message):
         cache_policy(name, config, where="test")

@@ -116,7 +116,7 @@ class InfLLMCache(ReadSelection):
     (blocks retrieved per chunk; None: half the budget after the sinks). State:
     `"score": [B, L, K]` fp32, the representative scores."""
 
-    num_sinks: int
+    takes_sinks: ClassVar[bool] = True
     option_defaults: ClassVar[dict] = {"block_size": 16, "num_representatives": 4,
                                        "top_k_blocks": None}
 
@@ -128,7 +128,7 @@ class InfLLMCache(ReadSelection):
         return (self.cache_budget - self.num_sinks) // (2 * self.option("block_size"))
 
     @property
-    def window(self):
+    def local_window(self):
         """The local window: the budget left after the sinks and the retrieved blocks."""
         return self.cache_budget - self.num_sinks - self.top_k * self.option("block_size")
 
@@ -146,7 +146,7 @@ class InfLLMCache(ReadSelection):
         if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
             raise ValueError(f"{options}.top_k_blocks must be an int >= 0 or None for "
                              f"cache_mode='infllm'; got {top_k!r}")
-        if self.window < 1:
+        if self.local_window < 1:
             raise ValueError(
                 f"{where}.cache_budget={self.cache_budget} leaves no local window for "
                 f"cache_mode='infllm': it must exceed num_sinks + top_k_blocks * block_size "
@@ -156,7 +156,7 @@ class InfLLMCache(ReadSelection):
         return {"score": jnp.zeros((batch_size, length, kv_shape[0]), jnp.float32)}
 
     def select(self, cache, new, index):
-        S, size, W = self.num_sinks, self.option("block_size"), self.window
+        S, size, W = self.num_sinks, self.option("block_size"), self.local_window
         score = accumulate_scores(cache["score"], new.q, cache["k"], index, new.segment_ids,
                                   cache["segment_ids"], W)
         reps = block_representatives(score, cache["k"], S, size,

@@ -30,14 +30,23 @@ class ReadSelection(CachePolicy):
     """Every token stored at its row index; each query reads the keys `select` keeps.
 
     Subclasses define `init_state` (their arrays beside the tokens) and `select`, and
-    read the budget of keys per query and KV head as `cache_budget`."""
+    read the budget of keys per query and KV head as `cache_budget`. The mixer's
+    `window` must be unset, and `num_sinks` too unless the policy takes sinks."""
 
     cache_budget: int | None
     cache_options: tuple
+    window: int | None
+    num_sinks: int
     query_aware: ClassVar[bool] = True
+    takes_sinks: ClassVar[bool] = False
 
     def check(self, where):
         check_budget(self, where)
+        if self.window is not None or (self.num_sinks and not self.takes_sinks):
+            unset = "window" if self.takes_sinks else "window and num_sinks"
+            raise ValueError(f"{where}.{unset} must be unset for cache_mode={self.name!r} "
+                             f"(it selects the keys it reads); got window={self.window!r}, "
+                             f"num_sinks={self.num_sinks!r}")
 
     def init_state(self, batch_size: int, length: int, kv_shape: tuple[int, int]) -> dict:
         """The policy's arrays beside the tokens, for `length` slots; `kv_shape` = (K, D)."""
