@@ -24,10 +24,11 @@ mixer's `num_sinks`, `top_k_blocks` a cache option (default: half the budget lef
 the sinks, in blocks), the window what remains. A query reads at most the budget plus the
 block_size - 1 tokens of the block leaving its window.
 
-Positions: every key keeps the position it was stored at (keys are stored encoded). The
-paper gives all memory tokens one position just before the local window, which needs the
-raw keys at read; here a retrieved token is seen at its true distance, the same as the
-paper's within the trained length, not beyond it. The cache keeps every token (InfLLM
+Positions: every key keeps the position it was stored at (keys are stored encoded), for
+retrieval and attention. The paper gives all memory tokens one position just before the
+local window (its code: the query at W, the memory keys raw), which needs the raw keys at
+read; here a retrieved token is seen at its true distance, which the model knows within
+its trained length, not beyond it. The cache keeps every token (InfLLM
 offloads the memory blocks to host memory); reads are what the budget bounds.
 """
 
