@@ -26,8 +26,8 @@ POS = np.stack([np.arange(T), np.maximum(np.arange(T) - PAD, 0)]).astype(np.int3
 # Small budgets, so that queries read strict subsets.
 POLICIES = {
     "quest": dict(budget=8, options={"page_size": 4}),
-    "infllm": dict(budget=12, options={"block_size": 3, "num_representatives": 2,
-                                       "top_k_blocks": 2}, num_sinks=2),  # window 4
+    "infllm": dict(budget=12, options={"initial_tokens": 2, "block_size": 3,
+                                       "num_representatives": 2, "top_k_blocks": 2}),  # W 4
     "squeezed": dict(budget=6, options={"num_clusters": 4, "kmeans_iterations": 5}),
 }
 
@@ -137,8 +137,9 @@ def oracle_reads(name, q, k, calls, budget, fixed=None):
     if name == "quest":
         return quest_reads(q, k, budget, options["page_size"])
     if name == "infllm":
-        return infllm_reads(q, k, calls, budget, spec["num_sinks"], options["block_size"],
-                            options["num_representatives"], options["top_k_blocks"])
+        return infllm_reads(q, k, calls, budget, options["initial_tokens"],
+                            options["block_size"], options["num_representatives"],
+                            options["top_k_blocks"])
     fixed = sum(len(c) for c in calls[:3]) if fixed is None else fixed
     return squeezed_reads(q, k, fixed, budget, options["num_clusters"],
                           options["kmeans_iterations"])
@@ -150,7 +151,7 @@ def _options(name, budget):
     spec = POLICIES[name]
     return ml_collections.ConfigDict(dict(
         cache_mode=name, cache_budget=budget, cache_options=tuple(sorted(spec["options"].items())),
-        num_sinks=spec.get("num_sinks", 0), window=None, train_length=None))
+        num_sinks=0, window=None, train_length=None))
 
 
 def _policy(name, budget):
@@ -218,8 +219,8 @@ def _mixer(name, budget, position="rope", **options):
         d_model=16, num_heads=H, num_kv_heads=K, head_dim=D, dtype="float32",
         mixer_options={"attention": dict(
             cache_mode=name, cache_budget=budget,
-            cache_options={**spec.get("options", {}), **options},
-            num_sinks=spec.get("num_sinks", 0), position=position, impl="reference")}))
+            cache_options={**spec.get("options", {}), **options}, position=position,
+            impl="reference")}))
     return build_mixer("attention", config, parent=None)
 
 
@@ -288,12 +289,14 @@ def test_mixer_attends_to_the_keys_read(name, params):
     ("infllm", 12, {"num_representatives": 4}, r"num_representatives must be an int in \[1, "
                                                r"block_size=3\]"),
     ("infllm", 12, {"top_k_blocks": -1}, r"top_k_blocks must be an int >= 0 or None"),
+    ("infllm", 12, {"initial_tokens": None}, r"initial_tokens must be an int >= 0 for"),
     ("infllm", 8, {}, r"cache_budget=8 leaves no local window"),
     ("squeezed", 6, {"num_clusters": 0}, r"cache_options.num_clusters must be a positive int"),
     ("squeezed", 6, {"fixed_length": 0}, r"fixed_length must be a positive int or None"),
     ("quest", 8, {"window": 4}, r"test.window and num_sinks must be unset for "
                                 r"cache_mode='quest'"),
-    ("infllm", 12, {"window": 4}, r"test.window must be unset for cache_mode='infllm'"),
+    ("infllm", 12, {"window": 4}, r"test.window and num_sinks must be unset for "
+                                  r"cache_mode='infllm'"),
 ])
 def test_bad_options_are_named(name, budget, options, message):
     spec = POLICIES[name]

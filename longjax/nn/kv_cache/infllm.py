@@ -2,7 +2,7 @@
 with an Efficient Context Memory", arXiv:2402.04617): each query reads the initial tokens
 (sinks), a local window and the blocks of a context memory most relevant to its chunk.
 
-With S sinks, local window W and blocks of `block_size` tokens (block j holds the tokens
+With S initial tokens, local window W and blocks of `block_size` tokens (block j holds the tokens
 of row index S + j * block_size .. S + (j + 1) * block_size - 1):
 
 - a token's representative score (the paper's r_m, Sec. 3.2) is the sum of q . k_m over
@@ -19,10 +19,10 @@ of row index S + j * block_size .. S + (j + 1) * block_size - 1):
 - query t reads the sinks, every token not yet in its memory (the window and the block
   the window is leaving, InfLLM's "remainder") and the retrieved blocks.
 
-Budget: `cache_budget` = num_sinks + W + top_k_blocks * block_size: the sinks are the
-mixer's `num_sinks`, `top_k_blocks` a cache option (default: half the budget left after
-the sinks, in blocks), the window what remains. A query reads at most the budget plus the
-block_size - 1 tokens of the block leaving its window.
+Budget: `cache_budget` = S + W + top_k_blocks * block_size: S and `top_k_blocks` are
+cache options (`initial_tokens`, default 4; `top_k_blocks`, default half the budget left
+after the initial tokens, in blocks), the window what remains. A query reads at most the
+budget plus the block_size - 1 tokens of the block leaving its window.
 
 Positions: every key keeps the position it was stored at (keys are stored encoded), for
 retrieval and attention. The paper gives all memory tokens one position just before the
@@ -112,26 +112,28 @@ def read_mask(retrieved_BN, index_BT, length, num_sinks, block_size, window):
 class InfLLMCache(ReadSelection):
     """InfLLM's sinks + local window + retrieved memory blocks (see the module doc).
 
-    Options (`cache_options`): `block_size` (tokens per memory block; the paper's 128),
-    `num_representatives` (representative keys per block; the paper's 4), `top_k_blocks`
-    (blocks retrieved per chunk; None: half the budget after the sinks). State:
-    `"score": [B, L, K]` fp32, the representative scores."""
+    Options (`cache_options`): `initial_tokens` (sinks; the paper's 128 at 4k windows),
+    `block_size` (tokens per memory block; the paper's 128), `num_representatives`
+    (representative keys per block; the paper's 4), `top_k_blocks` (blocks retrieved per
+    chunk; None: half the budget after the initial tokens). State: `"score": [B, L, K]`
+    fp32, the representative scores."""
 
-    takes_sinks: ClassVar[bool] = True
-    option_defaults: ClassVar[dict] = {"block_size": 16, "num_representatives": 4,
-                                       "top_k_blocks": None}
+    option_defaults: ClassVar[dict] = {"initial_tokens": 4, "block_size": 16,
+                                       "num_representatives": 4, "top_k_blocks": None}
 
     @property
     def top_k(self):
         given = self.option("top_k_blocks")
         if given is not None:
             return given
-        return (self.cache_budget - self.num_sinks) // (2 * self.option("block_size"))
+        initial = self.option("initial_tokens")
+        return (self.cache_budget - initial) // (2 * self.option("block_size"))
 
     @property
     def local_window(self):
-        """The local window: the budget left after the sinks and the retrieved blocks."""
-        return self.cache_budget - self.num_sinks - self.top_k * self.option("block_size")
+        """The local window: the budget left after the initial tokens and the blocks."""
+        return (self.cache_budget - self.option("initial_tokens")
+                - self.top_k * self.option("block_size"))
 
     def check(self, where):
         super().check(where)
@@ -143,21 +145,25 @@ class InfLLMCache(ReadSelection):
         if not (positive_int(reps) and reps <= block_size):
             raise ValueError(f"{options}.num_representatives must be an int in [1, "
                              f"block_size={block_size}] for cache_mode='infllm'; got {reps!r}")
-        top_k = self.option("top_k_blocks")
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
-            raise ValueError(f"{options}.top_k_blocks must be an int >= 0 or None for "
-                             f"cache_mode='infllm'; got {top_k!r}")
+        for name, or_none in (("initial_tokens", False), ("top_k_blocks", True)):
+            value = self.option(name)
+            if value is None and or_none:
+                continue
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"{options}.{name} must be an int >= 0"
+                                 f"{' or None' if or_none else ''} for cache_mode='infllm'; "
+                                 f"got {value!r}")
         if self.local_window < 1:
             raise ValueError(
                 f"{where}.cache_budget={self.cache_budget} leaves no local window for "
-                f"cache_mode='infllm': it must exceed num_sinks + top_k_blocks * block_size "
-                f"= {self.num_sinks} + {self.top_k} * {block_size}")
+                f"cache_mode='infllm': it must exceed initial_tokens + top_k_blocks * "
+                f"block_size = {self.option('initial_tokens')} + {self.top_k} * {block_size}")
 
     def init_state(self, batch_size, length, kv_shape):
         return {"score": jnp.zeros((batch_size, length, kv_shape[0]), jnp.float32)}
 
     def select(self, cache, new, index):
-        S, size, W = self.num_sinks, self.option("block_size"), self.local_window
+        S, size, W = self.option("initial_tokens"), self.option("block_size"), self.local_window
         score = accumulate_scores(cache["score"], new.q, cache["k"], index, new.segment_ids,
                                   cache["segment_ids"], W)
         reps = block_representatives(score, cache["k"], S, size,

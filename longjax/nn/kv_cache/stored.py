@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax.nn.kv_cache.base import CachePolicy, KeyPart, NewTokens, check_budget
+from longjax.nn.kv_cache.selection import check_unwindowed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,22 +32,17 @@ class ReadSelection(CachePolicy):
 
     Subclasses define `init_state` (their arrays beside the tokens) and `select`, and
     read the budget of keys per query and KV head as `cache_budget`. The mixer's
-    `window` must be unset, and `num_sinks` too unless the policy takes sinks."""
+    `window` and `num_sinks` must be unset (the policy chooses what is read)."""
 
     cache_budget: int | None
     cache_options: tuple
     window: int | None
     num_sinks: int
     query_aware: ClassVar[bool] = True
-    takes_sinks: ClassVar[bool] = False
 
     def check(self, where):
         check_budget(self, where)
-        if self.window is not None or (self.num_sinks and not self.takes_sinks):
-            unset = "window" if self.takes_sinks else "window and num_sinks"
-            raise ValueError(f"{where}.{unset} must be unset for cache_mode={self.name!r} "
-                             f"(it selects the keys it reads); got window={self.window!r}, "
-                             f"num_sinks={self.num_sinks!r}")
+        check_unwindowed(self, where)
 
     def init_state(self, batch_size: int, length: int, kv_shape: tuple[int, int]) -> dict:
         """The policy's arrays beside the tokens, for `length` slots; `kv_shape` = (K, D)."""
