@@ -90,45 +90,52 @@ def test_budget_and_options_are_checked():
 
 
 # Dense NumPy definitions of what H2O and SnapKV keep, written from the papers, token by
-# token and head by head (float64, no shared code with the policies).
+# token and head by head (float64, no shared code with the policies). Row 0 holds 16
+# tokens, more than the budget of 6; row 1 is left-padded by 10 tokens (segment 0,
+# position 0), so its 6 tokens fit the budget: full attention.
 
 B, K, G, D = 2, 2, 2, 8
-PAD = 3  # row 1 is left-padded by PAD tokens (segment 0, position 0)
-LENGTH = 16
+PAD, LENGTH, BUDGET = 10, 16, 6
+CHUNKS = [(0, 6), (6, 12)] + [(t, t + 1) for t in range(12, LENGTH)]
 
 
 def _stream():
     rng = np.random.default_rng(1)
     q = rng.normal(size=(B, LENGTH, K * G, D))
-    k = rng.normal(size=(B, LENGTH, K, D))
+    k, v = rng.normal(size=(2, B, LENGTH, K, D))
     segments = np.ones((B, LENGTH), np.int32)
     segments[1, :PAD] = 0
     positions = np.stack([np.arange(LENGTH), np.maximum(np.arange(LENGTH) - PAD, 0)])
-    return q, k, segments, positions.astype(np.int32)
+    return q, k, v, segments, positions.astype(np.int32)
 
 
-def _received(q, k, b, kh, queries, keys, positions, scores):
-    """Adds to `scores[s]` the attention each key in `keys` receives from each query in
-    `queries` (causal by position), summed over the G query heads of KV head `kh`."""
+def _attend(stream, b, kh, queries, keys, out, scores):
+    """Attention of `queries` to `keys` (causal by position) for the G query heads of KV
+    head kh: writes the outputs into `out[b, t, h]` and adds to `scores[s]` the
+    probability each key receives, summed over the queries and the G heads."""
+    q, k, v, _, positions = stream
     for t in queries:
         seen = [s for s in keys if positions[b, s] <= positions[b, t]]
         for h in range(kh * G, (kh + 1) * G):
             logits = np.array([q[b, t, h] @ k[b, s, kh] for s in seen]) * D**-0.5
             p = np.exp(logits - logits.max())
-            for s, w in zip(seen, p / p.sum(), strict=True):
+            p /= p.sum()
+            out[b, t, h] = p @ v[b, seen, kh]
+            for s, w in zip(seen, p, strict=True):
                 scores[s] = scores.get(s, 0.0) + w
 
 
-def h2o_kept(q, k, segments, positions, chunks, budget, recent):
-    """{(b, kv head): (kept token indices, their accumulated attention)} after the chunks."""
-    out = {}
+def h2o_reference(stream, chunks, budget, recent):
+    """`(outputs [B, T, H, D], {(b, kv head): {kept token: accumulated attention}})`."""
+    segments, positions = stream[3], stream[4]
+    out, kept_scores = np.zeros(stream[0].shape), {}
     for b in range(B):
         for kh in range(K):
             kept, scores = [], {}
             for lo, hi in chunks:
                 new = [t for t in range(lo, hi) if segments[b, t]]
                 cand = kept + new
-                _received(q, k, b, kh, new, cand, positions, scores)
+                _attend(stream, b, kh, new, cand, out, scores)
                 if len(cand) > budget:
                     by_age = sorted(cand, key=lambda s: positions[b, s])
                     recents = by_age[len(by_age) - recent:] if recent else []
@@ -137,22 +144,24 @@ def h2o_kept(q, k, segments, positions, chunks, budget, recent):
                     cand = recents + heavy[:budget - len(recents)]
                 kept = cand
                 scores = {s: scores[s] for s in kept}
-            out[b, kh] = kept, scores
-    return out
+            kept_scores[b, kh] = scores
+    return out, kept_scores
 
 
-def snapkv_kept(q, k, segments, positions, chunks, budget, window, kernel):
-    """{(b, kv head): kept token indices} after the chunks: a chunk of T > 1 tokens keeps
+def snapkv_reference(stream, chunks, budget, window, kernel):
+    """`(outputs [B, T, H, D], {(b, kv head): kept tokens})`: a chunk of T > 1 tokens keeps
     the last `window` tokens and the top budget - window others by the max-pooled
     attention of its last min(window, T) queries; a one-token step keeps the selected
     tokens and the most recent others."""
-    out = {}
+    segments, positions = stream[3], stream[4]
+    out, kept_sets = np.zeros(stream[0].shape), {}
     for b in range(B):
         for kh in range(K):
             kept, selected = [], set()
             for lo, hi in chunks:
-                cand = sorted(kept + [t for t in range(lo, hi) if segments[b, t]],
-                              key=lambda s: positions[b, s])
+                new = [t for t in range(lo, hi) if segments[b, t]]
+                cand = sorted(kept + new, key=lambda s: positions[b, s])
+                _attend(stream, b, kh, new, cand, out, {})
                 if hi - lo == 1:
                     rest = [s for s in cand if s not in selected]
                     room = budget - len(selected)
@@ -161,42 +170,59 @@ def snapkv_kept(q, k, segments, positions, chunks, budget, window, kernel):
                 tail, prefix = cand[-window:], cand[:-window]
                 scores = {}
                 observers = [t for t in range(max(lo, hi - window), hi) if segments[b, t]]
-                _received(q, k, b, kh, observers, cand, positions, scores)
+                _attend(stream, b, kh, observers, cand, np.zeros(out.shape), scores)
                 raw = [scores.get(s, 0.0) for s in prefix]
                 pooled = [max(raw[max(0, i - kernel // 2):i + kernel // 2 + 1])
                           for i in range(len(raw))]
                 order = sorted(range(len(prefix)), key=lambda i: (-pooled[i], i))
                 selected = {prefix[i] for i in order[:budget - len(tail)]}
                 kept = sorted(selected) + tail
-            out[b, kh] = kept
-    return out
+            kept_sets[b, kh] = kept
+    return out, kept_sets
 
 
-CHUNKS = [(0, 5), (5, 10)] + [(t, t + 1) for t in range(10, LENGTH)]
-
-
-def _run_policy(policy, chunks):
-    """The stream through `policy.read` chunk by chunk: the final cache."""
+def _run_policy(policy, stream):
+    """The stream through `policy.read` chunk by chunk (`CHUNKS`), each chunk's queries
+    attending to the part it returns: `(outputs [B, T, H, D], final cache)`."""
     import jax
     import jax.numpy as jnp
 
     from longjax.nn.kv_cache import NewTokens
 
-    q, k, segments, positions = _stream()
-    read = jax.jit(lambda cache, *new: policy.read(cache, NewTokens(*new))[1])
-    cache = policy.init(B, 0, (K, D), jnp.float32)
-    for lo, hi in chunks:
-        cache = read(cache, jnp.asarray(k[:, lo:hi], jnp.float32),
-                     jnp.zeros((B, hi - lo, K, D)), jnp.asarray(positions[:, lo:hi]),
-                     jnp.asarray(segments[:, lo:hi]), jnp.asarray(q[:, lo:hi], jnp.float32))
-    return cache
+    @jax.jit
+    def read(cache, q, k, v, positions, segments):
+        new = NewTokens(k, v, positions, segments, q=q)
+        [part], cache = policy.read(cache, new)
+        return dot_product_attention(
+            q, part.k, part.v, causal=True, segment_ids=segments,
+            kv_segment_ids=part.segment_ids, q_positions=part.q_slots,
+            kv_positions=part.kv_slots, impl="reference"), cache
+
+    q, k, v, segments, positions = stream
+    cache, outs = policy.init(B, 0, (K, D), jnp.float32), []
+    empty = jax.tree.map(lambda a: (a.shape, a.dtype), cache)
+    for lo, hi in CHUNKS:
+        out, cache = read(cache, *(jnp.asarray(x[:, lo:hi], jnp.float32) for x in (q, k, v)),
+                          positions[:, lo:hi], segments[:, lo:hi])
+        outs.append(out)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), cache) == empty  # fixed under jit
+    return np.concatenate(outs, 1), cache
 
 
-def _kept_tokens(cache, b, kh):
-    """The kept token indices of row b, head kh (positions back to stream indices)."""
-    pos = np.asarray(cache["positions"][b, :, kh])
-    pos = pos[np.asarray(cache["segment_ids"][b, :, kh]) != 0]
-    return sorted((pos + (PAD if b == 1 else 0)).tolist())
+def _kept(cache, name, b, kh):
+    """{kept token: its `name` state} of row b, head kh (positions back to stream indices)."""
+    real = np.asarray(cache["segment_ids"][b, :, kh]) != 0
+    tokens = np.asarray(cache["positions"][b, :, kh])[real] + (PAD if b == 1 else 0)
+    return dict(zip(tokens.tolist(), np.asarray(cache[name][b, :, kh])[real].tolist(),
+                    strict=True))
+
+
+def _full_attention(stream, b):
+    out = np.zeros(stream[0].shape)
+    tokens = [t for t in range(LENGTH) if stream[3][b, t]]
+    for kh in range(K):
+        _attend(stream, b, kh, tokens, tokens, out, {})
+    return out[b]
 
 
 def _policy(name, budget, **options):
@@ -205,58 +231,102 @@ def _policy(name, budget, **options):
 
 
 def test_h2o_keeps_the_recent_and_the_heavy_hitters():
-    """Per row (one left-padded) and KV head (G = 2), through two prefill chunks and six
-    decode steps: the kept tokens and their accumulated attention equal the dense
-    definition (recent half, heaviest others)."""
-    budget = 6
-    cache = _run_policy(_policy("h2o", budget), CHUNKS)
-    want = h2o_kept(*_stream(), CHUNKS, budget, recent=3)
-    for (b, kh), (kept, scores) in want.items():
-        assert _kept_tokens(cache, b, kh) == sorted(kept), (b, kh)
-        got = np.asarray(cache["score"][b, :, kh])[np.asarray(cache["segment_ids"][b, :, kh]) != 0]
-        np.testing.assert_allclose(got, [scores[s] for s in sorted(kept)], rtol=1e-5)
+    """Per row and KV head (G = 2), through two prefill chunks and four decode steps: every
+    step's output and the final kept tokens with their accumulated attention equal the
+    dense definition (recent half, heaviest others); row 1, within the budget, gets full
+    attention."""
+    stream = _stream()
+    got, cache = _run_policy(_policy("h2o", BUDGET), stream)
+    want, kept = h2o_reference(stream, CHUNKS, BUDGET, recent=BUDGET // 2)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got[1], _full_attention(stream, 1), atol=1e-5)
+    for (b, kh), scores in kept.items():
+        got_scores = _kept(cache, "score", b, kh)
+        assert sorted(got_scores) == sorted(scores), (b, kh)
+        np.testing.assert_allclose([got_scores[s] for s in sorted(scores)],
+                                   [scores[s] for s in sorted(scores)], rtol=1e-5)
 
 
 def test_snapkv_keeps_the_window_and_the_pooled_top_keys():
-    """Per row (one left-padded) and KV head, through two prefill chunks and six decode
-    steps: the kept tokens equal the dense definition (observation window, max pool)."""
-    budget, window, kernel = 6, 2, 3
-    cache = _run_policy(_policy("snapkv", budget, window=window, kernel_size=kernel), CHUNKS)
-    want = snapkv_kept(*_stream(), CHUNKS, budget, window, kernel)
-    for (b, kh), kept in want.items():
-        assert _kept_tokens(cache, b, kh) == sorted(kept), (b, kh)
+    """Per row and KV head, through two prefill chunks and four decode steps: every step's
+    output and the final kept tokens equal the dense definition (observation window, max
+    pool); row 1, within the budget, gets full attention."""
+    stream = _stream()
+    got, cache = _run_policy(_policy("snapkv", BUDGET, window=2, kernel_size=3), stream)
+    want, kept = snapkv_reference(stream, CHUNKS, BUDGET, window=2, kernel=3)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got[1], _full_attention(stream, 1), atol=1e-5)
+    for (b, kh), tokens in kept.items():
+        assert sorted(_kept(cache, "selected", b, kh)) == sorted(tokens), (b, kh)
 
 
-def test_a_budget_covering_the_context_is_full_attention():
-    """A left-padded batch (row 1: 3 padding tokens) through chunked prefill (4 + 4 tokens)
-    and four decode steps with a budget of 12 (the context): H2O's and SnapKV's outputs
-    equal full attention's."""
+def test_a_budget_covering_the_context_is_full_attention_in_the_mixer():
+    """Through the attention mixer (projections, RoPE, the encoded queries handed to the
+    policy), a left-padded batch (row 1: 3 padding tokens) in chunks of 4 tokens with a
+    budget of 12 (the context): SnapKV's outputs equal full attention's. (Per policy and
+    through decode steps in the tests above.)"""
     import jax
     import jax.numpy as jnp
 
-    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 12, 16)), jnp.float32)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 12, 16)), jnp.float32)
     segments = np.ones((2, 12), np.int32)
     segments[1, :3] = 0
     positions = np.stack([np.arange(12), np.maximum(np.arange(12) - 3, 0)]).astype(np.int32)
-    full = _mixer(impl="reference")
-    params = jax.tree.map(
-        lambda s: jnp.asarray(np.random.default_rng(3).normal(size=s.shape) * 0.3, s.dtype),
-        jax.eval_shape(full.init, jax.random.key(0), x[:, :4]))
-    want = jax.jit(full.apply)(params, x, segment_ids=segments, positions=positions)[0]
-    mixers = [_mixer(impl="reference", cache_mode="h2o", cache_budget=12),
-              _mixer(impl="reference", cache_mode="snapkv", cache_budget=12,
-                     cache_options=(("window", 4),))]
+    shapes = {"query": (16, 4, 8), "key": (16, 2, 8), "value": (16, 2, 8), "out": (4, 8, 16)}
+    params = {"params": {name: {"kernel": jnp.asarray(rng.normal(size=shape) * 0.3,
+                                                      jnp.float32)}
+                         for name, shape in shapes.items()}}
+    want = jax.jit(_mixer(impl="reference").apply)(params, x, segment_ids=segments,
+                                                   positions=positions)[0]
+    mixer = _mixer(impl="reference", cache_mode="snapkv", cache_budget=12,
+                   cache_options=(("window", 4),))
+    step = jax.jit(lambda c, *a: mixer.apply(params, a[0], segment_ids=a[1], positions=a[2],
+                                             cache=c))
+    cache, outs = mixer.init_cache(2, 12), []
+    for lo in range(0, 12, 4):
+        y, cache = step(cache, x[:, lo:lo + 4], segments[:, lo:lo + 4],
+                        positions[:, lo:lo + 4])
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=1e-5)
+    assert cache["k"].shape == (2, 12, 2, 8)
 
-    @jax.jit
-    def step(caches, x, segments, positions):
-        return tuple(zip(*(m.apply(params, x, segment_ids=segments, positions=positions,
-                                   cache=c) for m, c in zip(mixers, caches, strict=True)),
-                         strict=True))
 
-    caches, outs = [m.init_cache(2, 12) for m in mixers], []
-    for lo, hi in ((0, 4), (4, 8), (8, 9), (9, 10), (10, 11), (11, 12)):
-        ys, caches = step(caches, x[:, lo:hi], segments[:, lo:hi], positions[:, lo:hi])
-        outs.append(ys)
-    for got in zip(*outs, strict=True):
-        np.testing.assert_allclose(jnp.concatenate(got, 1), want, atol=1e-5)
-    assert all(c["k"].shape == (2, 12, 2, 8) for c in caches)
+def test_cache_policy_flags_and_methods():
+    """`--cache_policy --cache_budget --cache_options` become the method part
+    `cache:NAME:B:name=value...`, which sets and checks the attention's cache options;
+    unknown policies and bad budgets or options are named."""
+    import ml_collections
+    from absl import flags
+
+    from longjax.eval import cache_flags
+    from longjax.eval.methods import apply_method, method_overrides
+
+    fv = flags.FlagValues()
+    cache_flags.define_flags(fv)
+    fv(["prog", "--cache_policy=snapkv", "--cache_budget=64",
+        "--cache_options=window=16,pooling=avg"])
+    part = cache_flags.method_part_from_flags(fv)
+    assert part == "cache:snapkv:64:window=16:pooling=avg"
+    assert method_overrides(f"yarn:2+{part}", train_length=16, eval_length=64) == {
+        "rope_scaling": "yarn", "rope_scaling_factor": 2.0, "train_length": 16,
+        "cache_mode": "snapkv", "cache_budget": 64,
+        "cache_options": (("pooling", "avg"), ("window", 16))}
+    model = ml_collections.ConfigDict(dict(
+        d_model=16, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32",
+        mixer="attention", mixer_options={"attention": {}}))
+    config = apply_method(model, f"none+{part}", train_length=16, eval_length=64)
+    assert config.mixer_options.attention.cache_budget == 64
+    for method, message in (
+            ("cache:quest2", r"cache:NAME\[:B\]\[:option=value...\]' with NAME in \['full'"),
+            ("cache:h2o:0", "the cache budget must be a positive int; got '0'"),
+            ("cache:h2o:8:recent", "cache options are 'name=value'"),
+            ("cache:h2o", "cache_budget must be an int >= 1 for cache_mode='h2o'"),
+            ("cache:h2o:8:window=2", "cache_options.window: not an option of")):
+        with pytest.raises(ValueError, match=message):
+            apply_method(model, method, train_length=16, eval_length=64)
+    fv = flags.FlagValues()
+    cache_flags.define_flags(fv)
+    fv(["prog", "--cache_budget=64"])
+    with pytest.raises(ValueError, match="--cache_budget and --cache_options need "):
+        cache_flags.method_part_from_flags(fv)

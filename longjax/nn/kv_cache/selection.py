@@ -101,6 +101,7 @@ def keep(cands, priority, budget, end):
         idx = order if value.ndim == 3 else order[..., None]
         out[name] = jnp.take_along_axis(value, idx, 1)
         if name not in ("k", "v"):
-            out[name] = jnp.where(real, out[name], -1 if name == "positions" else 0)
+            empty = jnp.asarray(-1 if name == "positions" else 0, value.dtype)
+            out[name] = jnp.where(real, out[name], empty)
     out["end"] = end
     return out
