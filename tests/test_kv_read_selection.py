@@ -305,3 +305,25 @@ def test_bad_options_are_named(name, budget, options, message):
     config.cache_options = tuple(sorted({**spec["options"], **options}.items()))
     with pytest.raises(ValueError, match=message):
         cache_policy(name, config, where="test")
+
+
+def test_selectable_from_the_scripts_flags():
+    """`--cache_policy=infllm --cache_budget=48 --cache_options=...` (scripts/
+    evaluate_lengths.py, generate.py) sets the attention options that build the policy."""
+    from absl import flags
+
+    from longjax.eval import cache_flags
+    from longjax.eval.methods import method_overrides
+
+    fv = flags.FlagValues()
+    cache_flags.define_flags(fv)
+    fv(["test", "--cache_policy=infllm", "--cache_budget=48",
+        "--cache_options=block_size=8,top_k_blocks=2"])
+    overrides = method_overrides(cache_flags.method_part_from_flags(fv), train_length=64,
+                                 eval_length=64)
+    assert overrides == {"cache_mode": "infllm", "cache_budget": 48,
+                         "cache_options": (("block_size", 8), ("top_k_blocks", 2))}
+    options = _options("infllm", 48)
+    options.cache_options = overrides["cache_options"]
+    policy = cache_policy("infllm", options, where="test")
+    assert (policy.top_k, policy.local_window) == (2, 48 - 4 - 2 * 8)
