@@ -171,12 +171,14 @@ def _policy_reads(policy, q, k, v):
         reads = part.keep & (causal & same)[:, :, None, :]
         return jnp.broadcast_to(reads, (*q.shape[:2], K, reads.shape[-1])), cache
 
-    cache = policy.init(B, T, (K, D), jnp.float32)
-    out = []
+    init = policy.init(B, T, (K, D), jnp.float32)
+    cache, out = init, []
     for lo, hi in CHUNKS:
         mask, cache = read(cache, q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], POS[:, lo:hi],
                            SEG[:, lo:hi])
         out.append(mask)
+    spec = lambda x: (x.shape, x.dtype)  # noqa: E731
+    assert jax.tree.map(spec, cache) == jax.tree.map(spec, init)  # a scan carry
     return np.concatenate(out, axis=1)
 
 
