@@ -21,29 +21,17 @@ import dataclasses
 import jax.numpy as jnp
 
 from longjax.nn.kv_cache import selection
-from longjax.nn.kv_cache.base import (
-    CachePolicy,
-    KeyPart,
-    NewTokens,
-    check_budget,
-    register_policy,
-)
+from longjax.nn.kv_cache.base import check_budget, register_policy
 
 
 @register_policy("h2o")
 @dataclasses.dataclass(frozen=True)
-class H2OCache(CachePolicy):
+class H2OCache(selection.SelectionPolicy):
     """Cache: `selection`'s, with `"score"` `[B, N, K]` fp32, the accumulated attention.
     Option `recent_ratio` (default 0.5, the paper's half heavy, half recent)."""
 
-    cache_budget: int | None
-    cache_options: tuple
-    window: int | None
-    num_sinks: int
-    softcap: float | None
-    scale: float | None
-    query_aware = True
     option_defaults = {"recent_ratio": 0.5}
+    state = {"score": jnp.float32}
 
     def check(self, where):
         check_budget(self, where)
@@ -59,18 +47,8 @@ class H2OCache(CachePolicy):
         """R: the most recent tokens always kept."""
         return int(self.cache_budget * self.option("recent_ratio"))
 
-    def init(self, batch_size, max_length, kv_shape, dtype):
-        return selection.init(batch_size, self.cache_budget, kv_shape, dtype,
-                              {"score": jnp.float32})
-
-    def read(self, cache, new: NewTokens):
-        if cache is None:
-            return [KeyPart(new.k, new.v)], None
-        cands = selection.candidates(cache, new)
-        part = selection.part(cands, new)
+    def priority(self, cands, part, new):
         cands["score"] = cands["score"] + selection.received_attention(
             part, new, softcap=self.softcap, scale=self.scale)
-        priority = jnp.where(selection.most_recent(cands, self.recent), jnp.inf,
-                             jnp.where(cands["segment_ids"] != 0, cands["score"], -jnp.inf))
-        T = new.positions.shape[1]
-        return [part], selection.keep(cands, priority, self.cache_budget, cache["end"] + T)
+        return jnp.where(selection.most_recent(cands, self.recent), jnp.inf,
+                         jnp.where(cands["segment_ids"] != 0, cands["score"], -jnp.inf))

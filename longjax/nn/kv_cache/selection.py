@@ -1,4 +1,5 @@
-"""The per-head budgeted cache shared by the selection / eviction policies (H2O, SnapKV).
+"""The per-head budgeted cache shared by the selection / eviction policies (H2O, SnapKV),
+and their base class `SelectionPolicy`.
 
 Each KV head keeps its own `cache_budget` N tokens in the same slots:
 `{"k", "v": [B, N, K, D], "positions": [B, N, K] int32 (-1 = empty), "segment_ids":
@@ -12,11 +13,47 @@ chunked prefill and every decode step. Positions order the tokens: one document 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from longjax.nn.kv_cache.base import KeyPart, NewTokens
+from longjax.nn.kv_cache.base import CachePolicy, KeyPart, NewTokens
 from longjax.ops.attention import attention_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionPolicy(CachePolicy):
+    """A query-aware policy over this cache: a subclass names its per-slot `state` (name ->
+    dtype) and gives `priority`; every call reads the candidates as one part and keeps the
+    `cache_budget` of highest priority per head."""
+
+    cache_budget: int | None
+    cache_options: tuple
+    window: int | None
+    num_sinks: int
+    softcap: float | None
+    scale: float | None
+    query_aware = True
+    state: ClassVar[dict] = {}
+
+    def priority(self, cands, part: KeyPart, new: NewTokens):
+        """`[B, N + T, K]`: which candidates each head keeps (-inf: never); may update the
+        candidates' per-slot state in `cands`."""
+        raise NotImplementedError
+
+    def init(self, batch_size, max_length, kv_shape, dtype):
+        return init(batch_size, self.cache_budget, kv_shape, dtype, self.state)
+
+    def read(self, cache, new: NewTokens):
+        if cache is None:
+            return [KeyPart(new.k, new.v)], None
+        cands = candidates(cache, new)
+        read_part = part(cands, new)
+        priority = self.priority(cands, read_part, new)
+        end = cache["end"] + new.positions.shape[1]
+        return [read_part], keep(cands, priority, self.cache_budget, end)
 
 
 def check_unwindowed(policy, where):

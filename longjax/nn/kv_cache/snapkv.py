@@ -23,34 +23,21 @@ import jax
 import jax.numpy as jnp
 
 from longjax.nn.kv_cache import selection
-from longjax.nn.kv_cache.base import (
-    CachePolicy,
-    KeyPart,
-    NewTokens,
-    check_budget,
-    positive_int,
-    register_policy,
-)
+from longjax.nn.kv_cache.base import check_budget, positive_int, register_policy
 
 POOLINGS = ("max", "avg")
 
 
 @register_policy("snapkv")
 @dataclasses.dataclass(frozen=True)
-class SnapKVCache(CachePolicy):
+class SnapKVCache(selection.SelectionPolicy):
     """Cache: `selection`'s, with `"selected"` `[B, N, K]` bool. Options: `window` (the
     observation window and the kept tail, default 32 as in the released code),
     `kernel_size` (default 7, odd), `pooling` ("max", the default: a needle's neighbours
     share its peak and padding zeros do not dilute it; or "avg", the released default)."""
 
-    cache_budget: int | None
-    cache_options: tuple
-    window: int | None
-    num_sinks: int
-    softcap: float | None
-    scale: float | None
-    query_aware = True
     option_defaults = {"window": 32, "kernel_size": 7, "pooling": "max"}
+    state = {"selected": jnp.bool_}
 
     def check(self, where):
         selection.check_unwindowed(self, where)
@@ -65,30 +52,19 @@ class SnapKVCache(CachePolicy):
             raise ValueError(f"{opts}.pooling must be one of {POOLINGS}; got "
                              f"{self.option('pooling')!r}")
 
-    def init(self, batch_size, max_length, kv_shape, dtype):
-        return selection.init(batch_size, self.cache_budget, kv_shape, dtype,
-                              {"selected": jnp.bool_})
-
-    def read(self, cache, new: NewTokens):
-        if cache is None:
-            return [KeyPart(new.k, new.v)], None
-        cands = selection.candidates(cache, new)
-        part = selection.part(cands, new)
+    def priority(self, cands, part, new):
         valid = cands["segment_ids"] != 0
-        B, T = new.positions.shape
+        T = new.positions.shape[1]
         if T == 1:  # decode: the selected tokens, then the most recent
             recency = cands["positions"].astype(jnp.float32)
-            priority = jnp.where(valid, jnp.where(cands["selected"], jnp.inf, recency),
-                                 -jnp.inf)
-        else:
-            observe = self.option("window")
-            tail = selection.most_recent(cands, observe)
-            score = selection.received_attention(part, new, softcap=self.softcap,
-                                                 scale=self.scale, last=min(observe, T))
-            pooled = self._pool(jnp.where(tail, 0.0, score))
-            priority = jnp.where(tail, jnp.inf, jnp.where(valid, pooled, -jnp.inf))
-            cands["selected"] = valid & ~tail
-        return [part], selection.keep(cands, priority, self.cache_budget, cache["end"] + T)
+            return jnp.where(valid, jnp.where(cands["selected"], jnp.inf, recency), -jnp.inf)
+        observe = self.option("window")
+        tail = selection.most_recent(cands, observe)
+        score = selection.received_attention(part, new, softcap=self.softcap, scale=self.scale,
+                                             last=min(observe, T))
+        pooled = self._pool(jnp.where(tail, 0.0, score))
+        cands["selected"] = valid & ~tail
+        return jnp.where(tail, jnp.inf, jnp.where(valid, pooled, -jnp.inf))
 
     def _pool(self, score):
         """The 1-D pool of `kernel_size` along the candidates `[B, S, K]` (stride 1, zero
