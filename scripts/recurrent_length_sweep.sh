@@ -13,9 +13,13 @@
 #             depths 0, 0.5, 1 (Stuffed Mamba's capacity relation: passkey vs state size)
 #   combine   one table and plot set per mixer and state size into $OUT/<mixer>_<size>/
 #
-# Usage (from the repository root; parts default to all, in this order):
+# Usage (from the repository root; parts default to all, in this order, one mixer after
+# another, so each mixer's results are complete before the next one starts):
 #   scripts/recurrent_length_sweep.sh [pretrain] [post] [combine]
-# Environment: W (workdir root), OUT, MIXERS, RECIPES, STATES_<mixer>, L, MODEL, PRE, FT,
+# Environment: W (workdir root), OUT, MIXERS, RECIPES (RECIPES_<mixer> for one mixer; " "
+# for none), STATES_<mixer>, POST_SIZES (which of the state sizes 1 2 get the post stage),
+# L, MODEL, PRE, FT, LENGTHS (evaluation lengths; default L, 2L, .., 64L), PASSKEY
+# (passkey rows per length and depth; 0: none),
 # SMOKE=1 (a few steps and tokens per run: checks that every command starts; its numbers
 # mean nothing). An evaluated run is not evaluated again; train.py resumes a killed run.
 set -euo pipefail
@@ -45,8 +49,8 @@ if [[ ${SMOKE:-0} == 1 ]]; then
 else
   PRE=${PRE:-1000}; FT=${FT:-100}
   SHORT="train.warmup_steps=50,eval.every_steps=$PRE,checkpoint.every_steps=$PRE"
-  EVAL=(--lengths="$(lengths)" --num_tokens=$((64 * L * 4)) --stride=0 --passkey_samples=8
-        --passkey_depths=0,0.5,1 --batch_size=1)
+  EVAL=(--lengths="${LENGTHS:-$(lengths)}" --num_tokens=$((64 * L * 4)) --stride=0
+        --passkey_samples="${PASSKEY:-8}" --passkey_depths=0,0.5,1 --batch_size=1)
 fi
 
 evaluate() {  # workdir
@@ -55,51 +59,49 @@ evaluate() {  # workdir
 }
 
 states_of() { local var="STATES_$1"; echo "${!var}"; }
+recipes_of() { local var="RECIPES_$1"; echo "${!var:-$RECIPES}"; }
 
-pretrain() {
-  local m size state
-  for m in $MIXERS; do
-    size=0
-    for state in $(states_of "$m"); do
-      size=$((size + 1))
-      local workdir=$W/${m}_s${size}_pre
-      python scripts/train.py --workdir="$workdir" \
-          --config="$CFG:mixer=$m,$MODEL,$state,steps=$PRE,$SHORT,checkpoint.keep=1"
+pretrain() {  # mixer
+  local m=$1 size state
+  size=0
+  for state in $(states_of "$m"); do
+    size=$((size + 1))
+    local workdir=$W/${m}_s${size}_pre
+    python scripts/train.py --workdir="$workdir" \
+        --config="$CFG:mixer=$m,$MODEL,$state,steps=$PRE,$SHORT,checkpoint.keep=1"
+    evaluate "$workdir"
+  done
+}
+
+post() {  # mixer
+  local m=$1 size state recipe
+  size=0
+  for state in $(states_of "$m"); do
+    size=$((size + 1))
+    [[ " ${POST_SIZES:-1 2} " == *" $size "* ]] || continue
+    for recipe in $(recipes_of "$m"); do
+      local workdir=$W/${m}_s${size}_$recipe packing=concat
+      [[ $recipe == carry ]] && packing=contiguous
+      if [[ ! -d $workdir/checkpoints ]]; then  # start from the shared pretraining
+        mkdir -p "$workdir/checkpoints"
+        cp -r "$W/${m}_s${size}_pre/checkpoints/$PRE" "$workdir/checkpoints/"
+      fi
+      python scripts/train.py --workdir="$workdir" --config="$CFG:mixer=$m,$MODEL,$state,$SHORT,\
+steps=$((PRE + FT)),train.initial_state=$recipe,data.packing=$packing"
       evaluate "$workdir"
     done
   done
 }
 
-post() {
-  local m size state recipe
-  for m in $MIXERS; do
-    size=0
-    for state in $(states_of "$m"); do
-      size=$((size + 1))
-      for recipe in $RECIPES; do
-        local workdir=$W/${m}_s${size}_$recipe packing=concat
-        [[ $recipe == carry ]] && packing=contiguous
-        if [[ ! -d $workdir/checkpoints ]]; then  # start from the shared pretraining
-          mkdir -p "$workdir/checkpoints"
-          cp -r "$W/${m}_s${size}_pre/checkpoints/$PRE" "$workdir/checkpoints/"
-        fi
-        python scripts/train.py --workdir="$workdir" --config="$CFG:mixer=$m,$MODEL,$state,$SHORT,\
-steps=$((PRE + FT)),train.initial_state=$recipe,data.packing=$packing"
-        evaluate "$workdir"
-      done
+combine() {  # mixer
+  local m=$1 size recipe
+  for size in 1 2; do
+    local runs=("pretrained=$W/${m}_s${size}_pre")
+    for recipe in $(recipes_of "$m"); do
+      [[ -d $W/${m}_s${size}_$recipe ]] && runs+=("post_$recipe=$W/${m}_s${size}_$recipe")
     done
-  done
-}
-
-combine() {
-  local m size recipe
-  for m in $MIXERS; do
-    for size in 1 2; do
-      local runs=("pretrained=$W/${m}_s${size}_pre")
-      for recipe in $RECIPES; do runs+=("post_$recipe=$W/${m}_s${size}_$recipe"); done
-      python scripts/combine_extrapolation.py --runs="$(IFS=,; echo "${runs[*]}")" \
-          --output_dir="$OUT/${m}_s$size"
-    done
+    python scripts/combine_extrapolation.py --runs="$(IFS=,; echo "${runs[*]}")" \
+        --output_dir="$OUT/${m}_s$size"
   done
 }
 
@@ -107,7 +109,10 @@ parts=("$@")
 [[ ${#parts[@]} == 0 ]] && parts=(pretrain post combine)
 for part in "${parts[@]}"; do
   case $part in
-    pretrain|post|combine) echo "== $part"; $part ;;
+    pretrain|post|combine) ;;
     *) echo "unknown part $part; allowed: pretrain post combine" >&2; exit 2 ;;
   esac
+done
+for m in $MIXERS; do
+  for part in "${parts[@]}"; do echo "== $part $m"; $part "$m"; done
 done

@@ -213,6 +213,15 @@ def test_passkey_and_task_checkpoints(workdir, tmp_path):
                      (f"{PASSKEY}@1", "accuracy")}
     assert all(r["value"] in (0, 1 / 3, 2 / 3, 1) for r in results.rows if "@" in r["mode"])
     assert "passkey.png" in {p.name for p in report.write_outputs(results, tmp_path / "a")}
+    # a checkpoint trained on the passkey task: the same passkey rows, no text
+    passkey = Checkpoint(_config(**{"data.source": "task", "data.task": PASSKEY}),
+                         checkpoint.params, checkpoint.step)
+    alone = evaluate(passkey, lengths=(128,), passkey_depths=(0, 1), passkey_samples=3,
+                     batch_size=1)
+    assert alone.rows == [r for r in results.rows if r["mode"].startswith(PASSKEY)]
+    assert not alone.loss_curves
+    with pytest.raises(ValueError, match="passkey_samples .* must be >= 1"):
+        evaluate(passkey, passkey_samples=0)
 
     config = _config(**{"data.source": "task", "data.task": "copy"})
     config.data.task_options = ml_collections.ConfigDict({"min_length": 1, "max_length": 4})

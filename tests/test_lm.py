@@ -142,6 +142,22 @@ def test_scanned_layers_equal_unrolled_layers_loss_grads_and_cache():
     want = jax.jit(unrolled.apply)({"params": params}, tokens, cache=cache)
     got = jax.jit(scanned.apply)({"params": stacked}, tokens, cache=cache)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5), got, want)
+    # the states training carries (train.initial_state="carry": `init_state_cache`, None
+    # for the attention layers), continuing the rows' document (segment 1) or not (-1)
+    def states(segment):
+        return tuple(None if layer is None else dict(
+            layer, state=jax.random.normal(jax.random.key(i), layer["state"].shape),
+            segment=jnp.full_like(layer["segment"], segment))
+            for i, layer in enumerate(unrolled.init_state_cache(2)))
+
+    segment_ids = jnp.ones_like(tokens)
+    carried = jax.jit(lambda lm, p, c: lm.apply({"params": p}, tokens, segment_ids=segment_ids,
+                                                cache=c), static_argnums=0)
+    want = carried(unrolled, params, states(1))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5),
+                 carried(scanned, stacked, states(1)), want)
+    fresh = carried(unrolled, params, states(-1))[0]  # another document: states reset
+    assert not np.allclose(want[0], fresh, atol=1e-3)  # so the carried states were read
 
 
 def test_scanned_layers_keep_each_layers_sharding_with_the_layer_axis_replicated():

@@ -30,7 +30,8 @@ For each method (`longjax.eval.methods`, applied per evaluation length) and leng
   et al. 2024).
 - Synthetic-task checkpoints (`config.data.source == "task"`): token accuracy and exact
   match (every answer token of a row right) per test size n (the task's `min_length` =
-  `max_length` = n, at the smallest sequence length that fits it).
+  `max_length` = n, at the smallest sequence length that fits it). A checkpoint trained
+  on the `passkey` task gets the passkey rows above at each length, and no text metrics.
 
 The model runs forward only, jitted, a few windows at a time (`batch_size`); attention
 takes the blockwise O(T)-memory path on CPU, so 16x the training length fits a CPU.
@@ -381,29 +382,36 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
     curves of `num_bins` bins (`bin_spacing` "log" or "linear"), `ruler_samples` samples
     of each of `ruler_tasks` per length and depth of `ruler_depths` (read twice with
     `jrt`: JRT-Prompt). Task checkpoints:
-    `task_sizes` (required) and `task_samples` rows per size. `batch_size`: rows per
-    forward call. Methods with a cache policy (`cache:...`) score text, passkey and task
-    rows through the cache `cache_chunk` tokens per call; RULER prompts are prefilled in
-    one call and decoded through it.
+    `task_sizes` (required) and `task_samples` rows per size; passkey checkpoints: the
+    passkey arguments and `lengths` (no text). `batch_size`: rows per forward call.
+    Methods with a cache policy (`cache:...`) score text, passkey and task rows through
+    the cache `cache_chunk` tokens per call; RULER prompts are prefilled in one call and
+    decoded through it.
     """
     if not (isinstance(cache_chunk, int) and cache_chunk > 0):
         raise ValueError(f"cache_chunk must be a positive int; got {cache_chunk!r}")
     results = Results(workdir=str(workdir), step=checkpoint.step,
                       train_length=checkpoint.train_length, jrt=bool(jrt))
-    if checkpoint.config.data.source == "task":
+    d = checkpoint.config.data
+    text = d.source != "task"
+    if not text and d.task != PASSKEY:
         _evaluate_task(checkpoint, results, methods=methods, sizes=task_sizes,
                        samples=task_samples, batch_size=batch_size, cache_chunk=cache_chunk)
         return results
+    if not (text or passkey_samples):
+        raise ValueError("the checkpoint was trained on the passkey task: it is scored by "
+                         "passkey rows alone; passkey_samples (--passkey_samples) must be >= 1")
     lengths = tuple(dict.fromkeys(lengths or default_lengths(checkpoint.train_length)))
     methods = tuple(dict.fromkeys(methods))
     _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size,
                 ruler_tasks, ruler_depths)
     models = _models(checkpoint, methods, lengths)
-    docs = load_token_docs(checkpoint.config.data, "validation", seed=checkpoint.config.seed,
-                           tok=checkpoint.tokenizer)
-    token_bytes = checkpoint.tokenizer.token_bytes()
-    passages = text_passages(docs, length=max(lengths), num_tokens=num_tokens)
-    results.scored_tokens = passages.size - len(passages)
+    if text:
+        docs = load_token_docs(d, "validation", seed=checkpoint.config.seed,
+                               tok=checkpoint.tokenizer)
+        token_bytes = checkpoint.tokenizer.token_bytes()
+        passages = text_passages(docs, length=max(lengths), num_tokens=num_tokens)
+        results.scored_tokens = passages.size - len(passages)
     passkey_min = tasks.task_seq_len(PASSKEY)
     if passkey_samples and min(lengths) < passkey_min:
         logging.warning("No passkey below length %d (the needle and question)", passkey_min)
@@ -412,9 +420,10 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
             tick = time.perf_counter()
             model = models[method, n]
             chunk = cache_chunk if reads_through_cache(method) else None
-            _score_text(results, method, n, model, checkpoint.params, passages, stride=stride,
-                        num_bins=num_bins, bin_spacing=bin_spacing, batch_size=batch_size,
-                        token_bytes=token_bytes, cache_chunk=chunk)
+            if text:
+                _score_text(results, method, n, model, checkpoint.params, passages,
+                            stride=stride, num_bins=num_bins, bin_spacing=bin_spacing,
+                            batch_size=batch_size, token_bytes=token_bytes, cache_chunk=chunk)
             if passkey_samples and n >= passkey_min:
                 accuracies = passkey_accuracy(
                     model, checkpoint.params, n, passkey_depths, samples=passkey_samples,
