@@ -57,7 +57,7 @@ def combine(runs: list[tuple[str, pathlib.Path]], methods=None) -> Results:
             curves = [c for c in curves if c["method"] in methods]
         if combined is None:
             config = json.loads((folder.parent / "config.json").read_text())
-            combined = Results(workdir=", ".join(label for label, _ in runs), step=0,
+            combined = Results(workdir=", ".join(label for label, _ in runs), step=None,
                                train_length=int(config["data"]["seq_len"]))
         for record in rows + curves:
             method = record["method"]

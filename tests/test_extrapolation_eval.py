@@ -431,6 +431,7 @@ def test_combine_runs_side_by_side(results, tmp_path):
     assert {r["method"] for r in combined.rows} == expected
     assert {c["method"] for c in combined.loss_curves} <= expected
     assert combined.train_length == 16
+    assert "Each run's last checkpoint, training length 16." in report.markdown(combined)
     table = combined.table(NONOVERLAPPING, "bits_per_byte")
     assert table["rope"] == table["alibi"] == results.table(NONOVERLAPPING, "bits_per_byte")["none"]
     only = combine_script.combine([("rope", tmp_path / "a")], methods=["none"])

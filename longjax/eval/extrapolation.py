@@ -103,7 +103,7 @@ class Results:
     """
 
     workdir: str
-    step: int
+    step: int | None  # None: combined runs, each at its last checkpoint
     train_length: int
     scored_tokens: int = 0  # text targets scored per length and mode
     task_seq_lens: dict[int, int] = dataclasses.field(default_factory=dict)

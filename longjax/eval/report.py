@@ -89,7 +89,8 @@ def _ruler_tasks(results: Results) -> list[str]:
 def markdown(results: Results) -> str:
     """`results.md`: what was evaluated, then one table per (mode, metric)."""
     lines = [f"# Length extrapolation: {results.workdir or 'checkpoint'}", "",
-             f"Checkpoint step {results.step}, training length {results.train_length}."]
+             (f"Checkpoint step {results.step}" if results.step is not None
+              else "Each run's last checkpoint") + f", training length {results.train_length}."]
     if results.scored_tokens:
         lines.append(f"Text: {results.scored_tokens} validation targets scored per length "
                      f"and mode (the same text at every length); perplexity per token "
