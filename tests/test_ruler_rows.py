@@ -43,6 +43,14 @@ def test_rows_are_the_prompt_then_its_answer_weighted_alone():
     assert not np.array_equal(batch["tokens"], other["tokens"])
 
 
+def test_a_length_trains_the_tasks_that_fit_it():
+    assert pipeline.RulerDataset(("niah_multiquery", "niah_single"), seed=0,
+                                 seq_len=160).tasks == ("niah_single",)
+    with pytest.raises(ValueError, match=r"none of the RULER tasks \('vt',\) fits rows of "
+                                         r"seq_len=60"):
+        pipeline.RulerDataset(("vt",), seed=0, seq_len=60)
+
+
 def test_training_batches_mix_task_rows_into_text_rows(tiny_config):
     config = tiny_config(data__seq_len=256, data__ruler_tasks=("niah_single",),
                          data__ruler_fraction=0.25, data__ruler_answer_weight=2.0)
@@ -68,8 +76,8 @@ def test_training_batches_mix_task_rows_into_text_rows(tiny_config):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"data.ruler_tasks": ("niah",)}, r"ruler_tasks=\('niah',\).*subset of"),
-    ({"data.ruler_tasks": ("niah_multiquery",)},
-     r"ruler_tasks=.*niah_multiquery: length=.* is too short.*seq_len=256"),
+    ({"data.ruler_tasks": ("niah_single", "niah_multiquery")},
+     r"only \['niah_single'\] fit training rows of seq_len=256"),
     ({"data.ruler_tasks": ("vt",), "data.ruler_fraction": 0.0},
      r"config.data.ruler_fraction=0.0 must be in \(0, 1\]"),
     ({"data.ruler_tasks": ("vt",), "data.packing": "contiguous"},

@@ -148,12 +148,17 @@ class TaskDataset:
 
 class RulerDataset:
     """RULER-style prompts followed by their answers (`longjax.data.tasks.ruler_rows`),
-    generated per step: row r of batch `step` is sample `step * batch_size + r`."""
+    generated per step: row r of batch `step` is sample `step * batch_size + r`, of those
+    `tasks` that fit `seq_len` (so a length curriculum can start below the longer
+    tasks' prompts); ValueError when none fits."""
 
     def __init__(self, tasks, *, seed: int, seq_len: int, answer_weight: float = 1.0,
                  tok=None):
-        self.tasks, self.seed, self.seq_len = tuple(tasks), seed, seq_len
-        self.answer_weight, self.tok = answer_weight, tok
+        self.tasks = ruler_rows.fitting_tasks(tasks, seq_len, tok)
+        if not self.tasks:
+            raise ValueError(f"none of the RULER tasks {tuple(tasks)} fits rows of "
+                             f"seq_len={seq_len} with its answer")
+        self.seed, self.seq_len, self.answer_weight, self.tok = seed, seq_len, answer_weight, tok
 
     def batch(self, step: int, batch_size: int,
               rows: np.ndarray | None = None) -> dict[str, np.ndarray]:

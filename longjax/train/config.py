@@ -282,8 +282,8 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
 
 
 def _validate_ruler_mix(config) -> None:
-    """`config.data.ruler_tasks` and its fraction and weight; every task fits the
-    shortest training length with its answer."""
+    """`config.data.ruler_tasks` and its fraction and weight; each training length fits
+    at least one task with its answer, the longest fits every task."""
     d = config.data
     if not d.ruler_tasks:
         return
@@ -295,15 +295,19 @@ def _validate_ruler_mix(config) -> None:
     if not 0 < d.ruler_fraction <= 1:
         raise ValueError(f"config.data.ruler_fraction={d.ruler_fraction!r} must be in (0, 1]")
     _positive(config, "data.ruler_answer_weight")
-    shortest = min(s.seq_len for s in stages_lib.schedule(config))
     tok = tokenizer.load(d.get("tokenizer") or None)
-    for index in range(len(d.ruler_tasks)):
+    lengths = sorted({s.seq_len for s in stages_lib.schedule(config)})
+    for length in lengths:
         try:
-            ruler_rows.ruler_batch(d.ruler_tasks, seed=0, indices=[index], seq_len=shortest,
-                                   tok=tok)
+            fitting = ruler_rows.fitting_tasks(d.ruler_tasks, length, tok)
         except ValueError as e:
             raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}: {e}"
                              ) from None
+        if not fitting or (length == lengths[-1] and len(fitting) < len(d.ruler_tasks)):
+            raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}: only "
+                             f"{list(fitting)} fit training rows of seq_len={length} with "
+                             "their answers; the longest length must fit every task, the "
+                             "others at least one")
 
 
 def _validate_initial_state(config, sequence_shards: int) -> None:

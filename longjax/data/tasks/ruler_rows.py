@@ -41,6 +41,19 @@ def ruler_row(task: str, *, seed: int, index: int, length: int, tok) -> tuple[
     return np.concatenate([prompt, answer]), len(prompt)
 
 
+def fitting_tasks(tasks, seq_len: int, tok=None) -> tuple[str, ...]:
+    """Those of `tasks` whose prompt and answer fit rows of `seq_len` (their first sample
+    does: the prompts without haystack differ by a few tokens between samples)."""
+    def fits(task):
+        try:
+            ruler_batch((task,), seed=0, indices=[0], seq_len=seq_len, tok=tok)
+        except TooShort:
+            return False
+        return True
+
+    return tuple(t for t in tasks if fits(t))
+
+
 def ruler_batch(tasks, *, seed: int, indices, seq_len: int, tok=None,
                 answer_weight: float = 1.0) -> dict[str, np.ndarray]:
     """Rows of `seq_len` tokens, one per sample index (see the module doc), each `[len(
