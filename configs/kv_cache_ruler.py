@@ -29,7 +29,7 @@ def get_config(arg=None):
     config.model.update(d_model=128, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=384)
     config.data.update(seq_len=1024, batch_size=2, ruler_tasks=tuple(tasks),
                        ruler_fraction=1.0, ruler_answer_weight=1.0)
-    config.train.update(steps=2200, learning_rate=3e-3, warmup_steps=50, log_every=50,
+    config.train.update(steps=1300, learning_rate=3e-3, warmup_steps=50, log_every=50,
                         progress_bar=False)
     config.eval.update(every_steps=200, batch_size=8, num_batches=1)
     config.checkpoint.update(every_steps=200, keep=2)
