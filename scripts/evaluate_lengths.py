@@ -6,7 +6,8 @@ passkey retrieval versus evaluation length, under training-free extension method
 
 Lengths default to 1x .. 16x the training length. Methods (longjax.eval.methods): none,
 linear:S, ntk:S, dynamic_ntk:S, yarn:S, llama3:S (S a factor or "auto" = length / training
-length), lm_infinite, streaming, window, self_extend:G:W, logn; for Mamba layers
+length), lm_infinite[:B], streaming[:B] (B a cache budget), window, self_extend:G:W, logn,
+cache:NAME[:B][:option=value...] (a KV-cache policy); for Mamba layers
 delta_scale:S, decay_scale:S, input_scale:S, state_norm:C (Stuffed Mamba) and
 decimation:I:K (DeciMamba, layer I keeps K tokens or "auto"); combine with "+". Outputs
 go to <workdir>/extrapolation/ (or --output_dir): results.csv, loss_per_position.csv,
@@ -23,6 +24,15 @@ needle depth, with heatmaps (ruler.png, ruler_<task>.png) and ruler_samples.csv:
 
 With --jrt every RULER prompt's context is read twice before its question (JRT-Prompt,
 Arora et al. 2024; longjax.data.tasks.jrt), so a prompt of length n holds n + its context.
+
+A KV-cache policy (longjax.nn.kv_cache: h2o, snapkv, streaming, ...) with a budget of B
+tokens per layer and KV head applies to every method (its results are labelled
+"<method>+cache:NAME:B..."); text, passkey and task rows are then scored through the
+cache --cache_chunk tokens per call, RULER prompts prefilled in one call and decoded:
+
+    python scripts/evaluate_lengths.py --workdir=workdirs/ruler --lengths=1024 \
+        --cache_policy=snapkv --cache_budget=128 --cache_options=window=16 \
+        --ruler_tasks=niah_single,vt --passkey_samples=0
 
 Launched as several processes (see scripts/train.py), every process evaluates and process
 0 writes the outputs.
@@ -45,7 +55,7 @@ import jax
 from absl import app, flags
 
 from longjax import distributed
-from longjax.eval import report
+from longjax.eval import cache_flags, report
 from longjax.eval.extrapolation import evaluate_hf, evaluate_workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints/.")
@@ -85,12 +95,15 @@ _RULER_DEPTHS = flags.DEFINE_list("ruler_depths", ["0", "0.25", "0.5", "0.75", "
 _JRT = flags.DEFINE_bool("jrt", False, "JRT-Prompt: read each RULER prompt's context twice "
                          "before its question.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Rows (windows) per forward call.")
+_CACHE_CHUNK = flags.DEFINE_integer("cache_chunk", 64, "With --cache_policy: tokens per call "
+                                    "when rows are scored through the cache.")
 _NUM_BINS = flags.DEFINE_integer("num_bins", 32, "Bins of the loss-per-position curves.")
 _BIN_SPACING = flags.DEFINE_enum("bin_spacing", "log", ["log", "linear"],
                                  "Spacing of the loss-per-position bins.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "Output folder (default: <workdir>/extrapolation).")
 distributed.define_flags()
+cache_flags.define_flags()
 
 
 def _numbers(flag, kind):
@@ -115,8 +128,10 @@ def main(argv):
                                          data_path=_DATA_PATH.value)
         else:
             evaluate = functools.partial(evaluate_workdir, _WORKDIR.value)
+        cache = cache_flags.method_part_from_flags()
+        methods = [m if cache is None else f"{m}+{cache}" for m in _METHODS.value]
         results = evaluate(
-            lengths=_numbers(_LENGTHS, int), methods=_METHODS.value,
+            lengths=_numbers(_LENGTHS, int), methods=methods, cache_chunk=_CACHE_CHUNK.value,
             num_tokens=_NUM_TOKENS.value, stride=_STRIDE.value,
             passkey_depths=_numbers(_DEPTHS, float), passkey_samples=_PASSKEY_SAMPLES.value,
             task_sizes=_numbers(_TASK_SIZES, int), task_samples=_TASK_SAMPLES.value,

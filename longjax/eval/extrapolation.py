@@ -57,7 +57,7 @@ from longjax.data import tokenizer as tokenizer_lib
 from longjax.data.pipeline import load_token_docs
 from longjax.data.tasks.ruler import RULER_TASKS, TooShort
 from longjax.eval import ruler
-from longjax.eval.methods import apply_method
+from longjax.eval.methods import apply_method, reads_through_cache
 from longjax.generate import load_model
 from longjax.nn import DecoderLM
 from longjax.train import stages as stages_lib
@@ -202,26 +202,47 @@ def text_windows(passages: np.ndarray, length: int, stride: int) -> dict[str, np
             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)}
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def _token_scores(model, params, tokens, segment_ids, positions, targets):
-    """Per-token nll (fp32) and argmax hits `[B, T]` of one forward pass."""
-    logits, _ = model.apply(params, tokens, segment_ids=segment_ids, positions=positions)
-    log_probs = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    return nll, jnp.argmax(logits, axis=-1) == targets
+@functools.partial(jax.jit, static_argnames=("model", "cache_chunk"))
+def _token_scores(model, params, tokens, segment_ids, positions, targets, cache_chunk=None):
+    """Per-token nll (fp32) and argmax hits `[B, T]` of one forward pass, or with
+    `cache_chunk` of the row fed through the model's caches that many tokens per call
+    (the last call takes the rest), so a bounded cache policy holds while scoring."""
+
+    def scores(tokens, segment_ids, positions, targets, cache=None):
+        logits, cache = model.apply(params, tokens, segment_ids=segment_ids,
+                                    positions=positions, cache=cache)
+        log_probs = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        return cache, (nll, jnp.argmax(logits, axis=-1) == targets)
+
+    rows = (tokens, segment_ids, positions, targets)
+    if cache_chunk is None:
+        return scores(*rows)[1]
+    B, T = tokens.shape
+    n = T // cache_chunk * cache_chunk
+    cache = model.init_cache(B, T)
+    chunks = tuple(jnp.swapaxes(x[:, :n].reshape(B, -1, cache_chunk), 0, 1) for x in rows)
+    cache, (nll, hits) = jax.lax.scan(lambda c, x: scores(*x, cache=c), cache, chunks)
+    nll, hits = (jnp.swapaxes(x, 0, 1).reshape(B, n) for x in (nll, hits))
+    if n < T:
+        _, (rest_nll, rest_hits) = scores(*(x[:, n:] for x in rows), cache=cache)
+        nll, hits = (jnp.concatenate(pair, 1) for pair in ((nll, rest_nll), (hits, rest_hits)))
+    return nll, hits
 
 
-def score_rows(model, params, rows: dict[str, np.ndarray], *,
-               batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def score_rows(model, params, rows: dict[str, np.ndarray], *, batch_size: int,
+               cache_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`(nll, hits)`, each `[N, T]`, of the `N` rows (`tokens`, `segment_ids`,
     `positions`, `targets`), `batch_size` rows per call (the last call repeats the last
-    row, so every call has one shape)."""
+    row, so every call has one shape); through the caches `cache_chunk` tokens per call
+    when given."""
     n = len(rows["tokens"])
     size = min(batch_size, n)
     nll, hits = [], []
     for i in range(0, n, size):
         index = np.minimum(np.arange(i, i + size), n - 1)
-        out = _token_scores(model, params, *(jnp.asarray(rows[k][index]) for k in _ROW_KEYS))
+        out = _token_scores(model, params, *(jnp.asarray(rows[k][index]) for k in _ROW_KEYS),
+                            cache_chunk=cache_chunk)
         nll.append(np.asarray(out[0])[:n - i])
         hits.append(np.asarray(out[1])[:n - i])
     return np.concatenate(nll), np.concatenate(hits)
@@ -288,12 +309,13 @@ def passkey_rows(length: int, depth: float, *, samples: int, seed: int,
 
 
 def passkey_accuracy(model, params, length: int, depths, *, samples: int, seed: int,
-                     batch_size: int, tok=None) -> list[float]:
+                     batch_size: int, tok=None, cache_chunk=None) -> list[float]:
     """Passkey exact match at each needle depth (`samples` rows each, scored together)."""
     rows = [passkey_rows(length, depth, samples=samples, seed=seed, tok=tok)
             for depth in depths]
     merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-    _, hits = score_rows(model, params, merged, batch_size=batch_size)
+    _, hits = score_rows(model, params, merged, batch_size=batch_size,
+                         cache_chunk=cache_chunk)
     return [accuracy(hits[i * samples:(i + 1) * samples], r["weights"])["exact_match"]
             for i, r in enumerate(rows)]
 
@@ -350,7 +372,7 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
              stride=None, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_samples=5,
              task_sizes=None, task_samples=64, batch_size=4, num_bins=32, bin_spacing="log",
              ruler_tasks=(), ruler_samples=5, ruler_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-             jrt=False, workdir="") -> Results:
+             jrt=False, cache_chunk=64, workdir="") -> Results:
     """Evaluates `checkpoint` under each method at each length (see the module doc).
 
     Text checkpoints: `lengths` (default 1x .. 16x the training length), `num_tokens`
@@ -360,13 +382,17 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
     of each of `ruler_tasks` per length and depth of `ruler_depths` (read twice with
     `jrt`: JRT-Prompt). Task checkpoints:
     `task_sizes` (required) and `task_samples` rows per size. `batch_size`: rows per
-    forward call.
+    forward call. Methods with a cache policy (`cache:...`) score text, passkey and task
+    rows through the cache `cache_chunk` tokens per call; RULER prompts are prefilled in
+    one call and decoded through it.
     """
+    if not (isinstance(cache_chunk, int) and cache_chunk > 0):
+        raise ValueError(f"cache_chunk must be a positive int; got {cache_chunk!r}")
     results = Results(workdir=str(workdir), step=checkpoint.step,
                       train_length=checkpoint.train_length, jrt=bool(jrt))
     if checkpoint.config.data.source == "task":
         _evaluate_task(checkpoint, results, methods=methods, sizes=task_sizes,
-                       samples=task_samples, batch_size=batch_size)
+                       samples=task_samples, batch_size=batch_size, cache_chunk=cache_chunk)
         return results
     lengths = tuple(dict.fromkeys(lengths or default_lengths(checkpoint.train_length)))
     methods = tuple(dict.fromkeys(methods))
@@ -385,14 +411,15 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
         for n in lengths:
             tick = time.perf_counter()
             model = models[method, n]
+            chunk = cache_chunk if reads_through_cache(method) else None
             _score_text(results, method, n, model, checkpoint.params, passages, stride=stride,
                         num_bins=num_bins, bin_spacing=bin_spacing, batch_size=batch_size,
-                        token_bytes=token_bytes)
+                        token_bytes=token_bytes, cache_chunk=chunk)
             if passkey_samples and n >= passkey_min:
                 accuracies = passkey_accuracy(
                     model, checkpoint.params, n, passkey_depths, samples=passkey_samples,
                     seed=checkpoint.config.seed + EVAL_SEED_OFFSET, batch_size=batch_size,
-                    tok=checkpoint.tokenizer)
+                    tok=checkpoint.tokenizer, cache_chunk=chunk)
                 for depth, value in zip(passkey_depths, accuracies, strict=True):
                     results.add(method, f"{PASSKEY}@{depth:g}", n, {"accuracy": value})
                 results.add(method, PASSKEY, n, {"accuracy": np.mean(accuracies)})
@@ -405,11 +432,13 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
 
 
 def _score_text(results, method, n, model, params, passages, *, stride, num_bins, bin_spacing,
-                batch_size, token_bytes) -> None:
+                batch_size, token_bytes, cache_chunk) -> None:
     """Adds the bits per byte and perplexity of the passages at length `n` (non-overlapping
     and, unless `stride == 0`, sliding windows) and the loss curve to `results`."""
+    score = functools.partial(score_rows, model, params, batch_size=batch_size,
+                              cache_chunk=cache_chunk)
     windows = text_windows(passages, n, n)
-    nll, _ = score_rows(model, params, windows, batch_size=batch_size)
+    nll, _ = score(windows)
     results.add(method, NONOVERLAPPING, n,
                 text_metrics(nll, windows["targets"], windows["weights"], token_bytes))
     results.loss_curves.extend(
@@ -421,7 +450,7 @@ def _score_text(results, method, n, model, params, passages, *, stride, num_bins
     step, total = stride or max(1, n // 2), passages.shape[1] - 1
     if window_spans(total, n, step) != window_spans(total, n, n):  # else the same windows
         windows = text_windows(passages, n, step)
-        nll, _ = score_rows(model, params, windows, batch_size=batch_size)
+        nll, _ = score(windows)
     results.add(method, f"sliding:{stride or 'n/2'}", n,
                 text_metrics(nll, windows["targets"], windows["weights"], token_bytes))
 
@@ -446,7 +475,8 @@ def _score_ruler(results, method, n, model, checkpoint, task, *, depths, samples
             results.add(method, f"{RULER}:{task}@{depth:g}", n, {"accuracy": value})
 
 
-def _evaluate_task(checkpoint, results, *, methods, sizes, samples, batch_size) -> None:
+def _evaluate_task(checkpoint, results, *, methods, sizes, samples, batch_size,
+                   cache_chunk) -> None:
     """Adds each method's accuracy per test size of the checkpoint's task to `results`."""
     task = checkpoint.config.data.task
     if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
@@ -462,7 +492,9 @@ def _evaluate_task(checkpoint, results, *, methods, sizes, samples, batch_size) 
     for method in methods:
         for n in sizes:
             model = models[method, results.task_seq_lens[n]]
-            _, hits = score_rows(model, checkpoint.params, rows[n], batch_size=batch_size)
+            _, hits = score_rows(model, checkpoint.params, rows[n], batch_size=batch_size,
+                                 cache_chunk=cache_chunk if reads_through_cache(method)
+                                 else None)
             results.add(method, f"task:{task}", n, accuracy(hits, rows[n]["weights"]))
             logging.info("%s at size %d: %s", method, n, _summary(results, method, n))
 

@@ -12,13 +12,20 @@ parameters, so the trained parameters still load. Parts compose with `+`
 - `giraffe`: Giraffe's truncated RoPE basis (Pal et al. 2023) with
   `positions.giraffe_params(L, n)`.
 - `lm_infinite`: LM-Infinite (Han et al. 2023): 10 sinks, a window of L and no distance
-  beyond L.
+  beyond L; `lm_infinite:B`: a cache budget of B tokens (10 sinks, a window of B - 10).
 - `streaming`: StreamingLLM (Xiao et al. 2023): 4 sinks and a window of L - 4, positions
-  re-assigned inside the cache.
+  re-assigned inside the cache; `streaming:B`: a cache budget of B (a window of B - 4).
 - `window`: sliding-window attention over the last L tokens.
 - `self_extend:G:W`: Self-Extend (Jin et al. 2024): exact RoPE positions within W tokens,
   positions grouped by G beyond.
 - `logn`: log-n query scaling beyond L (Chiang & Cholak 2022).
+- `cache:NAME[:B][:option=value...]`: the KV-cache policy NAME of `longjax.nn.kv_cache`
+  (`h2o`, `snapkv`, `streaming`, ...) with a budget of B tokens per layer and KV head and
+  its `cache_options` (`cache:snapkv:64:window=16:kernel_size=5`); what the scripts'
+  `--cache_policy`, `--cache_budget`, `--cache_options` add to every method
+  (`cache_method`; `--cache_policy=streaming` and `lm_infinite` give the methods above,
+  with their papers' sinks). Text and teacher-forced rows are then scored through the cache
+  (`reads_through_cache`), since the selection policies' full forward is full attention.
 
 Mamba methods set options of the Mamba mixer (`config.model.mixer_options.mamba`, see
 `longjax.nn.ssm.MambaMixer`) of every Mamba layer:
@@ -43,7 +50,7 @@ from typing import Any
 
 import ml_collections
 
-from longjax.nn import registry
+from longjax.nn import kv_cache, registry
 from longjax.nn.attention import ROTARY
 from longjax.nn.pattern import layer_mixers
 from longjax.ops import positions
@@ -53,13 +60,14 @@ from longjax.ops import positions
 ROPE_SCALINGS = tuple(s for s in positions.ROPE_SCALINGS
                       if s not in ("none", "longrope", "truncated"))
 MAMBA_SCALES = ("delta_scale", "decay_scale", "input_scale")
-ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "giraffe", "lm_infinite", "streaming",
-           "window", "self_extend:G:W", "logn", *(f"{s}:S" for s in MAMBA_SCALES),
-           "state_norm:C", "decimation:I:K")
+ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "giraffe", "lm_infinite[:B]",
+           "streaming[:B]", "window", "self_extend:G:W", "logn", "cache:NAME[:B][:option=value...]",
+           *(f"{s}:S" for s in MAMBA_SCALES), "state_norm:C", "decimation:I:K")
 MAMBA_METHODS = (*MAMBA_SCALES, "state_norm", "decimation")
 DECIMATION_KEEP_LAST = 8
 LM_INFINITE_SINKS = 10
 STREAMING_SINKS = 4
+SINKS = {"streaming": STREAMING_SINKS, "lm_infinite": LM_INFINITE_SINKS}
 _OPTIONS = "config.model.mixer_options.attention"
 
 
@@ -79,6 +87,13 @@ def parse_method(method: str) -> list[tuple[str, tuple[str, ...]]]:
             if len(args) != 2 or not all(a.isdigit() and int(a) > 0 for a in args):
                 raise ValueError(f"method {method!r}: self_extend takes a group size and a "
                                  f"neighbour window, 'self_extend:G:W' with positive ints")
+        elif name == "cache":
+            _cache_options(method, args)
+        elif name in SINKS:
+            if len(args) > 1 or args and not (args[0].isdigit()
+                                              and int(args[0]) > SINKS[name]):
+                raise ValueError(f"method {method!r}: {name} takes an optional cache budget, "
+                                 f"'{name}:B' with B an int > {SINKS[name]} (its sinks)")
         elif name in (*MAMBA_SCALES, "state_norm"):
             if len(args) != 1:
                 raise ValueError(f"method {method!r}: {name!r} takes one number > 0, "
@@ -98,6 +113,69 @@ def parse_method(method: str) -> list[tuple[str, tuple[str, ...]]]:
                              f"{list(ALLOWED)}, joined by '+'")
         parts.append((name, tuple(args)))
     return parts
+
+
+def _cache_options(method: str, args) -> dict[str, Any]:
+    """The attention options of a `cache:NAME[:B][:option=value...]` part's arguments;
+    ValueError naming the method for an unknown policy, a bad budget or option."""
+    if not args or args[0] not in kv_cache.policy_names():
+        raise ValueError(f"method {method!r}: cache takes a policy name, "
+                         f"'cache:NAME[:B][:option=value...]' with NAME in "
+                         f"{list(kv_cache.policy_names())}")
+    name, *rest = args
+    budget = None
+    if rest and "=" not in rest[0]:
+        if not (rest[0].isdigit() and int(rest[0]) > 0):
+            raise ValueError(f"method {method!r}: the cache budget must be a positive int; "
+                             f"got {rest[0]!r}")
+        budget, rest = int(rest[0]), rest[1:]
+    options = {}
+    for item in rest:
+        key, sep, value = item.partition("=")
+        if not (sep and key and value):
+            raise ValueError(f"method {method!r}: cache options are 'name=value'; got "
+                             f"{item!r}")
+        options[key] = _option_value(value)
+    return {"cache_mode": name, "cache_budget": budget,
+            "cache_options": kv_cache.canonical_options(options, where=f"method {method!r}")}
+
+
+def _option_value(text: str):
+    """An option value from text: an int, else a float, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def cache_method(policy: str, budget: int | None = None, options=()) -> str:
+    """The method part `cache:policy[:budget][:name=value...]` from the scripts' flags
+    (`options`: "name=value" strings), checked; StreamingLLM and LM-Infinite without
+    options are their methods `streaming[:budget]`, `lm_infinite[:budget]` (the papers'
+    sinks)."""
+    budget_args = [] if budget is None else [str(budget)]
+    if policy in SINKS and not options:
+        part = ":".join([policy, *budget_args])
+        parse_method(part)
+        return part
+    part = ":".join(["cache", policy, *budget_args, *options])
+    parse_method(part)
+    return part
+
+
+def apply_cache_method(model_config, part: str) -> ml_collections.FrozenConfigDict:
+    """`model_config` with the cache policy of a `cache:` method part (`cache_method`)
+    alone, which reads no length (scripts/generate.py)."""
+    if not reads_through_cache(part) or len(parse_method(part)) != 1:
+        raise ValueError(f"{part!r} is not a single 'cache:...' method part")
+    return apply_method(model_config, part, train_length=1, eval_length=1)
+
+
+def reads_through_cache(method: str) -> bool:
+    """True when `method` sets a cache policy (a `cache:` part)."""
+    return any(name == "cache" for name, _ in parse_method(method))
 
 
 def _factor(method: str, text: str) -> float:
@@ -130,8 +208,12 @@ def method_overrides(method: str, *, train_length: int, eval_length: int) -> dic
                     "rope_scaling_params": positions.canonical_rope_params(
                         positions.giraffe_params(L, max(L, eval_length)))}
         elif name == "lm_infinite":
-            part = {"cache_mode": "lm_infinite", "num_sinks": LM_INFINITE_SINKS, "window": L,
-                    "train_length": L}
+            window = int(args[0]) - LM_INFINITE_SINKS if args else L
+            part = {"cache_mode": "lm_infinite", "num_sinks": LM_INFINITE_SINKS,
+                    "window": window, "train_length": L}
+        elif name == "streaming" and args:
+            part = {"cache_mode": "streaming", "num_sinks": STREAMING_SINKS,
+                    "window": int(args[0]) - STREAMING_SINKS}
         elif name == "streaming":
             if L <= STREAMING_SINKS:
                 raise ValueError(f"method {method!r}: streaming keeps {STREAMING_SINKS} sinks "
@@ -145,6 +227,8 @@ def method_overrides(method: str, *, train_length: int, eval_length: int) -> dic
             part = {"self_extend_group": int(args[0]), "self_extend_window": int(args[1])}
         elif name == "logn":
             part = {"logn_scaling": True, "train_length": L}
+        elif name == "cache":
+            part = _cache_options(method, args)
         else:  # none, and the Mamba methods (`mamba_overrides`)
             part = {}
         for key, value in part.items():
@@ -211,6 +295,8 @@ def apply_method(model_config, method: str, *, train_length: int,
         config.mixer_options.attention[key] = value
     try:
         registry.mixer_options("attention", config)
+        if reads_through_cache(method):  # the policy checks its budget and options
+            registry.build_mixer("attention", config, parent=None).init_cache(1, 1)
     except ValueError as e:
         raise ValueError(f"method {method!r}: {e}") from e
     return ml_collections.FrozenConfigDict(config)

@@ -10,7 +10,8 @@ or learned positions). `logn_scaling` scales queries past `train_length` by
 log(p + 1) / log(train_length).
 
 Beyond the window, the cache policy (`cache_mode`, `config.model.mixer_options.attention`;
-`longjax.nn.kv_cache`: `"full"`, `"rolling"`, `"streaming"`, `"lm_infinite"`) decides
+`longjax.nn.kv_cache`: `"full"`, `"rolling"`, `"streaming"`, `"lm_infinite"`, and the
+budgeted selection / eviction methods with `cache_budget` and `cache_options`) decides
 what a layer keeps and which keys a query reads, by the same rule in the full forward and
 in decoding; the position policy (`longjax.nn.position_policies`: plain, or Self-Extend
 with `self_extend_group` > 0) where queries and keys are encoded. Every call runs one path:
@@ -46,6 +47,7 @@ from longjax.parallel.sequence_parallel import sequence_parallel_attention
 
 POSITIONS = ("rope", "xpos", "alibi", "t5", "kerple", "fire", "none")
 ROTARY = ("rope", "xpos")
+QUERY_AWARE_POSITIONS = ("rope", "none")  # keys stored encoded, no score bias
 _OPTIONS = "config.model.mixer_options.attention"
 
 
@@ -89,6 +91,8 @@ class AttentionMixer(nn.Module):
     ulysses_degree: int | None = None
     layout: str = "zigzag"
     cache_mode: str = "full"
+    cache_budget: int | None = None  # tokens kept per layer and KV head (bounded policies)
+    cache_options: tuple = ()  # sorted (name, value) pairs of the cache policy's options
     qkv_bias: bool = False
     out_bias: bool = False
     scale: float | None = None
@@ -111,8 +115,18 @@ class AttentionMixer(nn.Module):
     def _policies(self):
         """The cache policy and the position policy of the options, checked."""
         self._check()
-        return (kv_cache.cache_policy(self.cache_mode, self, where=_OPTIONS),
-                position_policy(self, where=_OPTIONS))
+        cache_policy = kv_cache.cache_policy(self.cache_mode, self, where=_OPTIONS)
+        position = position_policy(self, where=_OPTIONS)
+        if cache_policy.query_aware and (self.position not in QUERY_AWARE_POSITIONS
+                                         or self._keys_at_read(position)):
+            raise ValueError(
+                f"{_OPTIONS}.cache_mode={self.cache_mode!r} ranks keys by the query, which needs "
+                f"keys stored encoded and no score bias: position in "
+                f"{list(QUERY_AWARE_POSITIONS)}, rope_scaling not dynamic_ntk / longrope, no "
+                f"self_extend_group; got position={self.position!r}, "
+                f"rope_scaling={self.rope_scaling!r}, "
+                f"self_extend_group={self.self_extend_group!r}")
+        return cache_policy, position
 
     def init_cache(self, batch_size, max_length, dtype=None):
         """The cache policy's empty cache for `max_length` tokens (a bounded policy's size
@@ -150,7 +164,7 @@ class AttentionMixer(nn.Module):
                      segment_ids=segment_ids, shared_positions=shared_positions,
                      at_read=self._keys_at_read(position_policy))
         new = kv_cache.NewTokens(k if call.at_read else self._key(k, pos, call.enc), v, pos,
-                                 seg)
+                                 seg, q=None if call.at_read else self._query(q, pos, call.enc))
         parts, cache = cache_policy.read(cache, new)
         parts = [p for part in parts for p in position_policy.split(part, new)]
         if len(parts) == 1:
@@ -289,7 +303,8 @@ class _Call:
 
 def build_attention(model, options, **module_kwargs):
     options = {**options, "rope_scaling_params": positions_lib.canonical_rope_params(
-        options["rope_scaling_params"])}
+        options["rope_scaling_params"]), "cache_options": kv_cache.canonical_options(
+        options["cache_options"], where=f"{_OPTIONS}.cache_options")}
     return AttentionMixer(
         num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
         head_dim=model.head_dim or model.d_model // model.num_heads,

@@ -17,11 +17,13 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from longjax.nn.kv_cache.base import CachePolicy, KeyPart, NewTokens, register_policy
-
-
-def _positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+from longjax.nn.kv_cache.base import (
+    CachePolicy,
+    KeyPart,
+    NewTokens,
+    positive_int,
+    register_policy,
+)
 
 
 @register_policy("rolling")
@@ -37,30 +39,48 @@ class RollingCache(CachePolicy):
     its position t; relative schemes depend on t - s alone, so this is the same as
     re-assigning positions inside the cache) and the sink part (keys `s < num_sinks`,
     `s <= t`), where the query sits at `sink_query_positions(t)`. With an empty cache
-    this is the full forward under that rule."""
+    this is the full forward under that rule.
+
+    `cache_budget` B, when given, is `num_sinks + window`: the window is B - num_sinks
+    when not given, and must be that when given."""
 
     window: int | None
     num_sinks: int
+    cache_budget: int | None
     moves_sinks: ClassVar[bool] = False  # sink_query_positions(t) != t
 
+    @property
+    def ring(self):
+        """The window W: `window`, or `cache_budget - num_sinks`."""
+        if self.window is None and self.cache_budget is not None:
+            return self.cache_budget - self.num_sinks
+        return self.window
+
     def check(self, where):
-        if not _positive_int(self.window):
-            raise ValueError(f"{where}.cache_mode={self.name!r} needs a positive int window; "
-                             f"got window={self.window!r}")
+        budget = self.cache_budget
+        if budget is not None and self.window is not None and budget != (
+                self.num_sinks + self.window):
+            raise ValueError(f"{where}.cache_budget={budget!r} must be num_sinks + window = "
+                             f"{self.num_sinks + self.window} for cache_mode={self.name!r} "
+                             f"(or leave window unset)")
+        if not positive_int(self.ring):
+            raise ValueError(f"{where}.cache_mode={self.name!r} needs a positive int window "
+                             f"(or cache_budget > num_sinks); got window={self.window!r}, "
+                             f"cache_budget={budget!r}, num_sinks={self.num_sinks!r}")
 
     def sink_query_positions(self, positions):
         """Where a query at `positions` `[B, T]` sits when it reads the sinks."""
         return positions
 
     def init(self, batch_size, max_length, kv_shape, dtype):
-        length = self.num_sinks + self.window
+        length = self.num_sinks + self.ring
         kv = jnp.zeros((batch_size, length, *kv_shape), dtype)
         return {"k": kv, "v": kv, "segment_ids": jnp.zeros((batch_size, length), jnp.int32),
                 "positions": jnp.full((batch_size, length), -1, jnp.int32),
                 "end": jnp.zeros((), jnp.int32)}
 
     def read(self, cache, new: NewTokens):
-        S, W = self.num_sinks, self.window
+        S, W = self.num_sinks, self.ring
         if cache is None and not (S and self.moves_sinks):
             return [KeyPart(new.k, new.v, window=W, num_sinks=S)], None
         B, T = new.positions.shape
@@ -97,7 +117,7 @@ class StreamingCache(RollingCache):
     moves_sinks: ClassVar[bool] = True
 
     def sink_query_positions(self, positions):
-        return jnp.minimum(positions, self.num_sinks + self.window - 1)
+        return jnp.minimum(positions, self.num_sinks + self.ring - 1)
 
 
 @register_policy("lm_infinite")
@@ -111,7 +131,7 @@ class LMInfiniteCache(RollingCache):
 
     def check(self, where):
         super().check(where)
-        if not _positive_int(self.train_length):
+        if not positive_int(self.train_length):
             raise ValueError(f"{where}.train_length must be a positive int for "
                              f"cache_mode='lm_infinite'; got {self.train_length!r}")
 

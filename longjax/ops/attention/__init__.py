@@ -7,6 +7,8 @@ A call flows through:
   scale, which side inputs) and the `SideInputs` arrays (segments, positions, ALiBi, bias);
 - `planner`: which key blocks each query block skips, masks or sees whole (shared by
   the `xla` path, the Pallas kernels and ring attention);
+- `per_head`: key segment ids / positions given per KV head (`[B, S, K]`, a cache that
+  keeps different tokens per head), folded into the batch so every path serves them;
 - `reference`: materialised scores (the test oracle), `decode`: Flash-Decoding for a few
   queries against a long cache, `blockwise`: FlashAttention in pure JAX ("xla"), and the
   Pallas kernels in `pallas_kernels.flash_attention`.
@@ -23,15 +25,16 @@ import jax
 import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
-from longjax.ops.attention import blockwise, reference
+from longjax.ops.attention import blockwise, per_head, reference
 from longjax.ops.attention.decode import split_kv_attention
 from longjax.ops.attention.reference import alibi_bias, attention_mask, reference_attention
 from longjax.ops.attention.spec import AttentionSpec, SideInputs, make_spec
 
 __all__ = [
     "IMPLS", "AttentionSpec", "SideInputs", "alibi_bias", "attention_backward",
-    "attention_forward", "attention_mask", "backward", "dot_product_attention", "forward",
-    "make_spec", "merge_attention", "reference_attention", "split_kv_attention",
+    "attention_forward", "attention_mask", "attention_weights", "backward",
+    "dot_product_attention", "forward", "make_spec", "merge_attention", "reference_attention",
+    "split_kv_attention",
 ]
 
 IMPLS = ("auto", "reference", "split_kv", "xla", "pallas", "pallas_interpret", "cudnn")
@@ -197,7 +200,21 @@ def dot_product_attention(
     `"pallas_interpret"` (flash-attention kernels), `"cudnn"` (GPU, bf16/fp16, no
     soft-cap / sinks / segments / ALiBi / positions / lse) or `"auto"`, resolved per
     lowering platform by `longjax.ops.impl.choose`. All give the same math.
+
+    `kv_segment_ids` / `kv_positions` may be `[B, S, K]`: per KV head (a cache keeping
+    different tokens per head); a KV head's keys are masked alike for its G query heads.
     """
+    if per_head.is_per_head(kv_segment_ids, kv_positions):
+        B = q.shape[0]
+        folded = per_head.fold(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                               q_positions=q_positions, kv_positions=kv_positions, bias=bias,
+                               alibi_slopes=alibi_slopes)
+        result = dot_product_attention(
+            **folded, causal=causal, window=window, num_sinks=num_sinks, softcap=softcap,
+            scale=scale, return_lse=return_lse, impl=impl, block_q=block_q, block_k=block_k)
+        if return_lse:
+            return per_head.unfold_out(result[0], B), per_head.unfold_heads(result[1], B)
+        return per_head.unfold_out(result, B)
     spec, side = _spec(q, k, v, causal, window, num_sinks, softcap, scale, segment_ids,
                        kv_segment_ids, q_positions, kv_positions, alibi_slopes, bias)
     if impl not in IMPLS:
@@ -216,6 +233,32 @@ def dot_product_attention(
 
     return impl_lib.run("attention", impl, run, query_length=q.shape[1],
                         cudnn_supported=cudnn_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "num_sinks", "softcap",
+                                             "scale"))
+def attention_weights(q, k, *, causal=False, segment_ids=None, kv_segment_ids=None,
+                      window=None, num_sinks=0, softcap=None, scale=None, q_positions=None,
+                      kv_positions=None):
+    """The attention probabilities `[B, H, T, S]` fp32 of `dot_product_attention` with
+    these options (materialised, O(B H T S); 0 where masked, a row that sees no key is 0),
+    for cache policies that rank keys by the attention they receive. Key arrays may be
+    per KV head (`[B, S, K]`) as there."""
+    B = q.shape[0]
+    options = dict(causal=causal, window=window, num_sinks=num_sinks, softcap=softcap,
+                   scale=scale)
+    if per_head.is_per_head(kv_segment_ids, kv_positions):
+        folded = per_head.fold(q, k, k, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                               q_positions=q_positions, kv_positions=kv_positions, bias=None,
+                               alibi_slopes=None)
+        p = attention_weights(folded["q"], folded["k"], **options, **{
+            n: folded[n] for n in ("segment_ids", "kv_segment_ids", "q_positions",
+                                   "kv_positions")})
+        return per_head.unfold_heads(p, B)
+    spec, side = make_spec(q, k, k, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                           q_positions=q_positions, kv_positions=kv_positions, **options)
+    p, _ = reference.probabilities(spec, q, k, side)
+    return p.reshape(B, q.shape[2], q.shape[1], k.shape[1])
 
 
 def _attention(impl, spec, q, k, v, side, blocks):

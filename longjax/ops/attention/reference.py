@@ -76,12 +76,18 @@ def finite(lse):
     return jnp.where(jnp.isfinite(lse), lse, 0.0)
 
 
+def probabilities(spec, q, k, side):
+    """`(p [B, K, G, T, S] fp32, lse [B, K, G, T])`: the softmax of the masked scores (0
+    where masked; a row that sees no key is 0 with lse = -inf)."""
+    s, mask = masked_scores(spec, q, k, side)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    return jnp.where(mask, jnp.exp(s - finite(lse)[..., None]), 0.0), lse
+
+
 def attention(spec, q, k, v, side):
     """`(out [B, T, H, D] in q's dtype, lse [B, H, T] fp32)` from materialised scores."""
     B, T, H, D = q.shape
-    s, mask = masked_scores(spec, q, k, side)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.where(mask, jnp.exp(s - finite(lse)[..., None]), 0.0)
+    p, lse = probabilities(spec, q, k, side)
     out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, D).astype(q.dtype), lse.reshape(B, H, T)
