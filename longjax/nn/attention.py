@@ -206,12 +206,15 @@ class AttentionMixer(nn.Module):
                                          return_lse=return_lse, **options,
                                          **self._scores(call.bias, score_pos, score_pos))
         q_pos = new.positions if part.query_positions is None else part.query_positions
+        scores = self._scores(call.bias, q_pos, kv_pos,
+                              dense_alibi=part.query_positions is not None)
+        if part.keep is not None:
+            scores["bias"] = scores.get("bias", 0.0) + part.keep_bias(self.num_heads)
         return dot_product_attention(
             q, k, v, segment_ids=new.segment_ids, kv_segment_ids=part.segment_ids,
             q_positions=part.q_slots, kv_positions=part.kv_slots, return_lse=return_lse,
             block_k=k.shape[1] if part.one_block and self._blockwise() else None, **options,
-            **self._scores(call.bias, q_pos, kv_pos,
-                           dense_alibi=part.query_positions is not None))
+            **scores)
 
     def _out(self, x, out):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))

@@ -57,6 +57,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 
 _POLICIES: dict[str, type[CachePolicy]] = {}
 
@@ -85,7 +86,9 @@ class KeyPart:
     `segment_ids`, `kv_slots` may be `[B, S, K]`: per KV head, see the module doc);
     `query_positions` `[B, T]`: where the query is encoded for this part (None: its own
     positions); `one_block`: read the S keys as one key block (a decode step over a small
-    cache, no padding).
+    cache, no padding); `keep` `[B, T or 1, K or 1, S]` bool: the keys each query reads
+    per KV head (None: all; a query-aware policy that selects per query, such as Quest),
+    applied on top of the other masks.
 
     Without positions, segments and slots the part is the call's own tokens in their
     order (the full forward, which may run sequence-parallel)."""
@@ -100,11 +103,20 @@ class KeyPart:
     num_sinks: int = 0
     query_positions: jax.Array | None = None
     one_block: bool = False
+    keep: jax.Array | None = None
 
     @property
     def is_call(self) -> bool:
         """True for the call's own tokens in their order."""
         return self.positions is None
+
+    def keep_bias(self, num_heads: int) -> jax.Array:
+        """`keep` as an additive score bias `[B, H or 1, T or 1, S]` fp32 (0 read, -inf
+        not), a KV head's entry repeated for its query heads."""
+        keep = self.keep
+        if keep.shape[2] > 1:
+            keep = jnp.repeat(keep, num_heads // keep.shape[2], axis=2)
+        return jnp.where(jnp.moveaxis(keep, 2, 1), 0.0, -jnp.inf)
 
 
 class CachePolicy:
