@@ -19,7 +19,7 @@ from longjax.train.config import apply_arg, base_config, parse_arg
 
 TASKS = ("niah_single", "niah_multikey")
 # (share of the steps, seq_len / length): the length curriculum, tokens per step constant.
-CURRICULUM = ((0.3, 8), (0.25, 4), (0.2, 2), (0.25, 1))
+CURRICULUM = ((0.35, 4), (0.3, 2), (0.35, 1))
 
 
 def get_config(arg=None):
@@ -27,9 +27,10 @@ def get_config(arg=None):
     tasks = str(overrides.pop("tasks", "+".join(TASKS))).split("+")
     config = base_config()
     config.model.update(d_model=128, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=384)
-    config.data.update(seq_len=1024, batch_size=2, ruler_tasks=tuple(tasks),
+    config.data.update(seq_len=1024, batch_size=4, ruler_tasks=tuple(tasks),
                        ruler_fraction=1.0, ruler_answer_weight=1.0)
-    config.train.update(steps=1300, learning_rate=3e-3, warmup_steps=50, log_every=50,
+    config.data.ruler_options = {"haystack": "noise"}
+    config.train.update(steps=900, learning_rate=3e-3, warmup_steps=50, log_every=50,
                         progress_bar=False)
     config.eval.update(every_steps=200, batch_size=8, num_batches=1)
     config.checkpoint.update(every_steps=200, keep=2)

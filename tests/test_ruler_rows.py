@@ -8,7 +8,8 @@ import pytest
 
 from longjax.data import pipeline
 from longjax.data.tasks.ruler_rows import ruler_batch
-from longjax.data.tokenizer import EOS
+from longjax.data.tokenizer import EOS, ByteTokenizer
+from longjax.eval.ruler import task_samples
 from longjax.train import config as config_lib
 from longjax.train.loop import eval_datasets
 
@@ -41,6 +42,18 @@ def test_rows_are_the_prompt_then_its_answer_weighted_alone():
     for key in batch:
         np.testing.assert_array_equal(batch[key], again[key])
     assert not np.array_equal(batch["tokens"], other["tokens"])
+
+
+def test_options_go_to_the_tasks_that_take_them():
+    batch = ruler_batch(("niah_single", "cwe"), seed=0, indices=[0, 1], seq_len=400,
+                        options={"haystack": "noise"})
+    assert "The grass is green. " in _text(batch["tokens"][0])  # cwe takes no haystack
+    prompts = task_samples("vt", length=256, depths=(0.5,), samples=1, seed=0,
+                           tok=ByteTokenizer(), options={"haystack": "corpus"})
+    assert "The grass is green. " not in _text(prompts[0].tokens)  # vt's default: noise
+    with pytest.raises(ValueError, match=r"RULER options \['num_hops'\] are taken by none"):
+        ruler_batch(("niah_single",), seed=0, indices=[0], seq_len=300,
+                    options={"num_hops": 2})
 
 
 def test_a_length_trains_the_tasks_that_fit_it():

@@ -153,8 +153,9 @@ class RulerDataset:
     tasks' prompts); ValueError when none fits."""
 
     def __init__(self, tasks, *, seed: int, seq_len: int, answer_weight: float = 1.0,
-                 tok=None):
-        self.tasks = ruler_rows.fitting_tasks(tasks, seq_len, tok)
+                 tok=None, options=None):
+        self.options = dict(options or {})
+        self.tasks = ruler_rows.fitting_tasks(tasks, seq_len, tok, self.options)
         if not self.tasks:
             raise ValueError(f"none of the RULER tasks {tuple(tasks)} fits rows of "
                              f"seq_len={seq_len} with its answer")
@@ -165,7 +166,8 @@ class RulerDataset:
         rows = np.arange(batch_size) if rows is None else np.asarray(rows)
         return ruler_rows.ruler_batch(self.tasks, seed=self.seed,
                                       indices=step * batch_size + rows, seq_len=self.seq_len,
-                                      tok=self.tok, answer_weight=self.answer_weight)
+                                      tok=self.tok, answer_weight=self.answer_weight,
+                                      options=self.options)
 
 
 def ruler_rows_per_batch(fraction: float, batch_size: int) -> int:
@@ -202,7 +204,8 @@ def ruler_dataset(config, split: str, *, seq_len: int | None = None) -> RulerDat
     tok = tokenizer.load(d.get("tokenizer") or None)
     return RulerDataset(d.ruler_tasks, seed=config.seed if train else config.seed + EVAL_SEED,
                         seq_len=seq_len or d.seq_len, tok=tok,
-                        answer_weight=d.ruler_answer_weight if train else 1.0)
+                        answer_weight=d.ruler_answer_weight if train else 1.0,
+                        options=d.ruler_options.to_dict())
 
 
 def make_dataset(config, split: str, *, seq_len: int | None = None):

@@ -81,8 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
         # tasks.ruler_rows): `ruler_fraction` of each batch's rows are these tasks' prompts
         # followed by their answers, the loss on the answer only, weighted by
         # `ruler_answer_weight` per token (a row's answer is a few tokens against a text
-        # row's seq_len). Evaluated as "ruler" next to the validation split.
+        # row's seq_len). `ruler_options` go to every task that takes them (e.g.
+        # haystack="noise"). Evaluated as "ruler_len{n}" next to the validation split.
         ruler_tasks=(), ruler_fraction=0.5, ruler_answer_weight=1.0,
+        ruler_options=ml_collections.ConfigDict(),
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
@@ -299,9 +301,11 @@ def _validate_ruler_mix(config) -> None:
     lengths = sorted({s.seq_len for s in stages_lib.schedule(config)})
     for length in lengths:
         try:
-            fitting = ruler_rows.fitting_tasks(d.ruler_tasks, length, tok)
+            fitting = ruler_rows.fitting_tasks(d.ruler_tasks, length, tok,
+                                               d.ruler_options.to_dict())
         except ValueError as e:
-            raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}: {e}"
+            raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}, "
+                             f"config.data.ruler_options={d.ruler_options.to_dict()}: {e}"
                              ) from None
         if not fitting or (length == lengths[-1] and len(fitting) < len(d.ruler_tasks)):
             raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}: only "

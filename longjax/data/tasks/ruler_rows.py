@@ -4,8 +4,8 @@
     batch = ruler_batch(("niah_single", "vt"), seed=0, indices=range(8), seq_len=1024)
 
 Row `i` is sample `indices[i]` of task `tasks[indices[i] % len(tasks)]` (the needle at a
-uniform depth, the task's default options: the haystacks the evaluation harness
-`longjax.eval.ruler` uses), a prompt of `seq_len + 1 - A` tokens followed by its
+uniform depth; `options` such as `{"haystack": "noise"}` go to every task that takes
+them, the others keep their defaults), a prompt of `seq_len + 1 - A` tokens followed by its
 answer, the A tokens of " " + the answers joined by ", " (as the harness writes them) and
 EOS. As in `longjax.data.tasks.task_batch`: `tokens` are the row's first `seq_len`
 tokens, `targets` its last `seq_len` (the next token), `positions` 0, 1, ... and
@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from longjax.data.tasks.ruler import RULER_TASKS, TooShort, ruler_sample
+from longjax.data.tasks.ruler import (
+    RULER_TASKS,
+    TooShort,
+    check_shared_options,
+    ruler_sample,
+    task_options,
+)
 from longjax.data.tokenizer import ByteTokenizer
 
 
@@ -29,24 +35,27 @@ def answer_ids(tok, answers) -> np.ndarray:
     return np.concatenate([text, eos]).astype(np.int32)
 
 
-def ruler_row(task: str, *, seed: int, index: int, length: int, tok) -> tuple[
+def ruler_row(task: str, *, seed: int, index: int, length: int, tok, options=None) -> tuple[
         np.ndarray, int]:
     """Sample `index` of `task` as `length` tokens, prompt then answer; and the answer's
     start. The answers do not depend on the length (`ruler_sample` draws them first), so
     the prompt is drawn once to learn them and once at the length that leaves them room."""
-    answers = ruler_sample(task, length=length, seed=seed, index=index, tok=tok).answers
+    options = task_options(task, options)
+    answers = ruler_sample(task, length=length, seed=seed, index=index, tok=tok,
+                           **options).answers
     answer = answer_ids(tok, answers)
     prompt = ruler_sample(task, length=length - len(answer), seed=seed, index=index,
-                          tok=tok).tokens
+                          tok=tok, **options).tokens
     return np.concatenate([prompt, answer]), len(prompt)
 
 
-def fitting_tasks(tasks, seq_len: int, tok=None) -> tuple[str, ...]:
+def fitting_tasks(tasks, seq_len: int, tok=None, options=None) -> tuple[str, ...]:
     """Those of `tasks` whose prompt and answer fit rows of `seq_len` (their first sample
     does: the prompts without haystack differ by a few tokens between samples)."""
     def fits(task):
         try:
-            ruler_batch((task,), seed=0, indices=[0], seq_len=seq_len, tok=tok)
+            ruler_batch((task,), seed=0, indices=[0], seq_len=seq_len, tok=tok,
+                        options=options)
         except TooShort:
             return False
         return True
@@ -55,10 +64,11 @@ def fitting_tasks(tasks, seq_len: int, tok=None) -> tuple[str, ...]:
 
 
 def ruler_batch(tasks, *, seed: int, indices, seq_len: int, tok=None,
-                answer_weight: float = 1.0) -> dict[str, np.ndarray]:
+                answer_weight: float = 1.0, options=None) -> dict[str, np.ndarray]:
     """Rows of `seq_len` tokens, one per sample index (see the module doc), each `[len(
     indices), seq_len]`. Raises ValueError for an unknown task and `TooShort` when
     `seq_len` does not hold a task's prompt and answer."""
+    check_shared_options(tasks, options)
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in RULER_TASKS]
     if not tasks or unknown:
@@ -71,7 +81,7 @@ def ruler_batch(tasks, *, seed: int, indices, seq_len: int, tok=None,
         task = tasks[int(index) % len(tasks)]
         try:
             row, start = ruler_row(task, seed=seed, index=int(index), length=seq_len + 1,
-                                   tok=tok)
+                                   tok=tok, options=options)
         except TooShort as e:
             raise TooShort(f"{e} (with its answer, in training rows of seq_len={seq_len})"
                            ) from None
