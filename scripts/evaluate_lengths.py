@@ -22,6 +22,8 @@ needle depth, with heatmaps (ruler.png, ruler_<task>.png) and ruler_samples.csv:
         --ruler_tasks=niah_single,niah_multikey,vt,cwe --ruler_samples=5 \\
         --ruler_depths=0,0.5,1 --passkey_samples=0
 
+--ruler_options=haystack=noise (name=value,...) sets an option of every task that takes
+it (longjax.data.tasks.ruler.RULER_TASKS), e.g. RULER's noise haystack for the needles.
 With --jrt every RULER prompt's context is read twice before its question (JRT-Prompt,
 Arora et al. 2024; longjax.data.tasks.jrt), so a prompt of length n holds n + its context.
 
@@ -57,6 +59,7 @@ from absl import app, flags
 from longjax import distributed
 from longjax.eval import cache_flags, report
 from longjax.eval.extrapolation import evaluate_hf, evaluate_workdir
+from longjax.train.config import parse_arg
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints/.")
 _HF = flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory, instead of "
@@ -92,6 +95,9 @@ _RULER_SAMPLES = flags.DEFINE_integer("ruler_samples", 5, "RULER samples per tas
                                       "and depth.")
 _RULER_DEPTHS = flags.DEFINE_list("ruler_depths", ["0", "0.25", "0.5", "0.75", "1"],
                                   "Depths in [0, 1] of the asked needle of the RULER tasks.")
+_RULER_OPTIONS = flags.DEFINE_list(
+    "ruler_options", [], "Options of the RULER tasks, name=value,... (e.g. haystack=noise), "
+    "given to every task that takes them.")
 _JRT = flags.DEFINE_bool("jrt", False, "JRT-Prompt: read each RULER prompt's context twice "
                          "before its question.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Rows (windows) per forward call.")
@@ -111,6 +117,14 @@ def _numbers(flag, kind):
         return [kind(v) for v in flag.value]
     except ValueError as e:
         raise ValueError(f"--{flag.name}={','.join(flag.value)}: {e}") from e
+
+
+def _ruler_options() -> dict:
+    """`--ruler_options` as a dict (Python literals, else strings)."""
+    try:
+        return parse_arg(",".join(_RULER_OPTIONS.value))
+    except ValueError as e:
+        raise ValueError(f"--ruler_options={','.join(_RULER_OPTIONS.value)}: {e}") from e
 
 
 def main(argv):
@@ -137,6 +151,7 @@ def main(argv):
             task_sizes=_numbers(_TASK_SIZES, int), task_samples=_TASK_SAMPLES.value,
             ruler_tasks=_RULER_TASKS.value, ruler_samples=_RULER_SAMPLES.value,
             ruler_depths=_numbers(_RULER_DEPTHS, float), jrt=_JRT.value,
+            ruler_options=_ruler_options(),
             batch_size=_BATCH_SIZE.value, num_bins=_NUM_BINS.value,
             bin_spacing=_BIN_SPACING.value)
     except ValueError as e:

@@ -2,9 +2,11 @@
 
 Text sources are tokenized and packed once (`PackedDataset`, or for training with
 `packing="contiguous"` cut into batch slots that continue from step to step,
-`longjax.data.contiguous`); synthetic tasks are generated per step (`TaskDataset`). All
-hand out `batch(step)` dicts of numpy arrays `tokens, targets, weights, segment_ids,
-positions`, each `[batch, seq_len]`.
+`longjax.data.contiguous`); synthetic tasks are generated per step (`TaskDataset`), and
+so are RULER-style prompts with their answers (`RulerDataset`), which `RulerMixDataset`
+mixes into a text source's training batches (`config.data.ruler_tasks`). All hand out
+`batch(step)` dicts of numpy arrays `tokens, targets, weights, segment_ids, positions`,
+each `[batch, seq_len]`.
 Training reads a stream (`make_train_stream`): `next()` batches and a JSON `state()`
 that `restore` resumes from; dataset decomposition's stream draws one length bucket per
 step (`longjax.data.decomposition`).
@@ -22,8 +24,10 @@ from collections.abc import Callable
 import numpy as np
 
 from longjax.data import best_fit, contiguous, decomposition, packing, sources, tokenizer
+from longjax.data.tasks import ruler_rows
 
 POSE_STREAM = 7  # the random stream of PoSE's positions, apart from the shuffles
+EVAL_SEED = 1_000_003  # added to config.seed for the evaluation splits of generated data
 
 
 def load_token_docs(data_config, split: str, *, seed: int, tok=None) -> list[np.ndarray]:
@@ -142,18 +146,85 @@ class TaskDataset:
         return batch if rows is None else {k: v[rows] for k, v in batch.items()}
 
 
+class RulerDataset:
+    """RULER-style prompts followed by their answers (`longjax.data.tasks.ruler_rows`),
+    generated per step: row r of batch `step` is sample `step * batch_size + r`, of those
+    `tasks` that fit `seq_len` (so a length curriculum can start below the longer
+    tasks' prompts); ValueError when none fits."""
+
+    def __init__(self, tasks, *, seed: int, seq_len: int, answer_weight: float = 1.0,
+                 tok=None, options=None):
+        self.options = dict(options or {})
+        self.tasks = ruler_rows.fitting_tasks(tasks, seq_len, tok, self.options)
+        if not self.tasks:
+            raise ValueError(f"none of the RULER tasks {tuple(tasks)} fits rows of "
+                             f"seq_len={seq_len} with its answer")
+        self.seed, self.seq_len, self.answer_weight, self.tok = seed, seq_len, answer_weight, tok
+
+    def batch(self, step: int, batch_size: int,
+              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+        return ruler_rows.ruler_batch(self.tasks, seed=self.seed,
+                                      indices=step * batch_size + rows, seq_len=self.seq_len,
+                                      tok=self.tok, answer_weight=self.answer_weight,
+                                      options=self.options)
+
+
+def ruler_rows_per_batch(fraction: float, batch_size: int) -> int:
+    """RULER rows in a batch of `batch_size`: `fraction` of it rounded, at least one."""
+    return min(batch_size, max(1, round(fraction * batch_size)))
+
+
+class RulerMixDataset:
+    """Batches whose first `ruler_rows_per_batch(fraction, batch_size)` rows are a
+    `RulerDataset`'s rows of the step and the rest the text dataset's batch of the step
+    (of the remaining size)."""
+
+    def __init__(self, ruler: RulerDataset, text, fraction: float):
+        self.ruler, self.text, self.fraction = ruler, text, fraction
+        self.stats = getattr(text, "stats", {})
+
+    def batch(self, step: int, batch_size: int,
+              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+        k = ruler_rows_per_batch(self.fraction, batch_size)
+        parts = []
+        if (rows < k).any():
+            parts.append(self.ruler.batch(step, k, rows[rows < k]))
+        if (rows >= k).any():
+            parts.append(self.text.batch(step, batch_size - k, rows[rows >= k] - k))
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def ruler_dataset(config, split: str, *, seq_len: int | None = None) -> RulerDataset:
+    """`config.data.ruler_tasks` as rows of `seq_len` (default `data.seq_len`); the eval
+    splits use a different seed and weight 1 on the answers."""
+    d = config.data
+    train = split == "train"
+    tok = tokenizer.load(d.get("tokenizer") or None)
+    return RulerDataset(d.ruler_tasks, seed=config.seed if train else config.seed + EVAL_SEED,
+                        seq_len=seq_len or d.seq_len, tok=tok,
+                        answer_weight=d.ruler_answer_weight if train else 1.0,
+                        options=d.ruler_options.to_dict())
+
+
 def make_dataset(config, split: str, *, seq_len: int | None = None):
-    """The dataset of `split` for `config.data` (eval splits use a different task seed)."""
+    """The dataset of `split` for `config.data` (eval splits use a different task seed);
+    the train split of a text source mixes in `config.data.ruler_tasks` when given."""
     d = config.data
     seq_len = seq_len or d.seq_len
     if d.source == "task":
-        seed = config.seed if split == "train" else config.seed + 1_000_003
+        seed = config.seed if split == "train" else config.seed + EVAL_SEED
         return TaskDataset(d.task, d.task_options.to_dict(), seed=seed, seq_len=seq_len)
     if split == "train" and d.packing == "contiguous":
         return contiguous.ContiguousDataset(load_token_docs(d, split, seed=config.seed),
                                             seq_len=seq_len, num_slots=d.batch_size,
                                             positions=d.positions)
-    return PackedDataset.from_config(d, split, seed=config.seed, seq_len=seq_len)
+    text = PackedDataset.from_config(d, split, seed=config.seed, seq_len=seq_len)
+    if split == "train" and d.ruler_tasks:
+        return RulerMixDataset(ruler_dataset(config, split, seq_len=seq_len), text,
+                               d.ruler_fraction)
+    return text
 
 
 RowSelector = Callable[[int], np.ndarray]  # global batch size -> rows this process reads

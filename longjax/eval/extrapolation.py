@@ -56,7 +56,7 @@ from longjax import hf
 from longjax.data import tasks
 from longjax.data import tokenizer as tokenizer_lib
 from longjax.data.pipeline import load_token_docs
-from longjax.data.tasks.ruler import RULER_TASKS, TooShort
+from longjax.data.tasks.ruler import RULER_TASKS, TooShort, check_shared_options, task_options
 from longjax.eval import ruler
 from longjax.eval.methods import apply_method, reads_through_cache
 from longjax.generate import load_model
@@ -339,7 +339,7 @@ def default_lengths(train_length: int) -> tuple[int, ...]:
 
 
 def _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size,
-                ruler_tasks=(), ruler_depths=()):
+                ruler_tasks=(), ruler_depths=(), ruler_options=None):
     if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
         raise ValueError(f"evaluation lengths must be ints >= 1; got {list(lengths)}")
     if not methods:
@@ -356,6 +356,7 @@ def _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size
     unknown = [t for t in ruler_tasks if t not in RULER_TASKS]
     if unknown:
         raise ValueError(f"unknown RULER tasks {unknown}; allowed: {list(RULER_TASKS)}")
+    check_shared_options(ruler_tasks, ruler_options)
     if ruler_tasks and (not ruler_depths or any(not 0 <= d <= 1 for d in ruler_depths)):
         raise ValueError(f"RULER depths must be in [0, 1], at least one; got "
                          f"{list(ruler_depths)}")
@@ -373,7 +374,7 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
              stride=None, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_samples=5,
              task_sizes=None, task_samples=64, batch_size=4, num_bins=32, bin_spacing="log",
              ruler_tasks=(), ruler_samples=5, ruler_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-             jrt=False, cache_chunk=64, workdir="") -> Results:
+             jrt=False, ruler_options=None, cache_chunk=64, workdir="") -> Results:
     """Evaluates `checkpoint` under each method at each length (see the module doc).
 
     Text checkpoints: `lengths` (default 1x .. 16x the training length), `num_tokens`
@@ -381,12 +382,12 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
     0: none), `passkey_samples` rows per length and depth (0: no passkey), loss
     curves of `num_bins` bins (`bin_spacing` "log" or "linear"), `ruler_samples` samples
     of each of `ruler_tasks` per length and depth of `ruler_depths` (read twice with
-    `jrt`: JRT-Prompt). Task checkpoints:
-    `task_sizes` (required) and `task_samples` rows per size; passkey checkpoints: the
-    passkey arguments and `lengths` (no text). `batch_size`: rows per forward call.
-    Methods with a cache policy (`cache:...`) score text, passkey and task rows through
-    the cache `cache_chunk` tokens per call; RULER prompts are prefilled in one call and
-    decoded through it.
+    `jrt`: JRT-Prompt; `ruler_options`, e.g. `{"haystack": "noise"}`, to every task that
+    takes them). Task checkpoints: `task_sizes` (required) and `task_samples` rows per
+    size; passkey checkpoints: the passkey arguments and `lengths` (no text).
+    `batch_size`: rows per forward call. Methods with a cache policy (`cache:...`) score
+    text, passkey and task rows through the cache `cache_chunk` tokens per call; RULER
+    prompts are prefilled in one call and decoded through it.
     """
     if not (isinstance(cache_chunk, int) and cache_chunk > 0):
         raise ValueError(f"cache_chunk must be a positive int; got {cache_chunk!r}")
@@ -404,7 +405,7 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
     lengths = tuple(dict.fromkeys(lengths or default_lengths(checkpoint.train_length)))
     methods = tuple(dict.fromkeys(methods))
     _check_args(lengths, methods, num_tokens, stride, passkey_depths, batch_size,
-                ruler_tasks, ruler_depths)
+                ruler_tasks, ruler_depths, ruler_options)
     models = _models(checkpoint, methods, lengths)
     if text:
         docs = load_token_docs(d, "validation", seed=checkpoint.config.seed,
@@ -434,7 +435,8 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
                 results.add(method, PASSKEY, n, {"accuracy": np.mean(accuracies)})
             for task in ruler_tasks if ruler_samples else ():
                 _score_ruler(results, method, n, model, checkpoint, task, depths=ruler_depths,
-                             samples=ruler_samples, batch_size=batch_size, jrt=jrt)
+                             samples=ruler_samples, batch_size=batch_size, jrt=jrt,
+                             options=ruler_options)
             logging.info("%s at length %d: %s (%.1f s)", method, n, _summary(results, method, n),
                          time.perf_counter() - tick)
     return results
@@ -465,14 +467,15 @@ def _score_text(results, method, n, model, params, passages, *, stride, num_bins
 
 
 def _score_ruler(results, method, n, model, checkpoint, task, *, depths, samples,
-                 batch_size, jrt) -> None:
+                 batch_size, jrt, options) -> None:
     """Adds the RULER task's accuracy at length `n` (mean, and per depth) and its samples
     to `results`; a length too short for the task is skipped with a warning."""
     try:
         records = ruler.ruler_records(
             model, checkpoint.params, checkpoint.tokenizer, task=task, length=n,
             depths=depths, samples=samples, seed=checkpoint.config.seed + EVAL_SEED_OFFSET,
-            batch_size=batch_size, method=method, jrt=jrt)
+            batch_size=batch_size, method=method, jrt=jrt,
+            options=task_options(task, options))
     except TooShort as e:
         logging.warning("No %s at length %d: %s", task, n, e)
         return

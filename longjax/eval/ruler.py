@@ -41,12 +41,13 @@ def answer_tokens(tok, answers) -> int:
 
 
 def task_samples(task: str, *, length: int, depths, samples: int, seed: int,
-                 tok, jrt: bool = False) -> list[Sample]:
-    """`samples` prompts of `task` at each of `depths` (once, undepthed, for the word
-    tasks): sample i of every depth shares its keys and values; with `jrt` each prompt's
-    context is read twice."""
+                 tok, jrt: bool = False, options=None) -> list[Sample]:
+    """`samples` prompts of `task` (its `options` over the defaults) at each of `depths`
+    (once, undepthed, for the word tasks): sample i of every depth shares its keys and
+    values; with `jrt` each prompt's context is read twice."""
     depths = depths if task in DEPTH_TASKS else (None,)
-    prompts = [ruler_sample(task, length=length, seed=seed, index=i, depth=depth, tok=tok)
+    prompts = [ruler_sample(task, length=length, seed=seed, index=i, depth=depth, tok=tok,
+                            **(options or {}))
                for depth in depths for i in range(samples)]
     return [jrt_sample(s) for s in prompts] if jrt else prompts
 
@@ -68,12 +69,12 @@ def generations(model, params, tok, prompts, *, max_new_tokens: int,
 
 def ruler_records(model, params, tok, *, task: str, length: int, depths, samples: int,
                   seed: int, batch_size: int, method: str = "none",
-                  jrt: bool = False) -> list[dict]:
+                  jrt: bool = False, options=None) -> list[dict]:
     """One record per sample of `task_samples`: `RECORD_FIELDS` (depth "" for the word
     tasks; answers joined by "|"). Raises `longjax.data.tasks.ruler.TooShort` when the
     length does not hold the task."""
     prompts = task_samples(task, length=length, depths=depths, samples=samples, seed=seed,
-                           tok=tok, jrt=jrt)
+                           tok=tok, jrt=jrt, options=options)
     budget = max(answer_tokens(tok, s.answers) for s in prompts)
     texts = generations(model, params, tok, [s.tokens for s in prompts],
                         max_new_tokens=budget, batch_size=batch_size)

@@ -14,6 +14,7 @@ from ml_collections import config_dict
 
 from longjax.data import decomposition, packing, tokenizer
 from longjax.data.sources import SOURCES
+from longjax.data.tasks import ruler_rows
 from longjax.nn import registry
 from longjax.nn.layers import MLPS
 from longjax.nn.pattern import layer_mixers
@@ -76,6 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
         pose_length=0,
         # A folder with a tokenizer.json (a checkpoint's); "" = bytes (longjax.data.tokenizer).
         tokenizer="",
+        # RULER-style tasks mixed into a text source's training batches (longjax.data.
+        # tasks.ruler_rows): `ruler_fraction` of each batch's rows are these tasks' prompts
+        # followed by their answers, the loss on the answer only, weighted by
+        # `ruler_answer_weight` per token (a row's answer is a few tokens against a text
+        # row's seq_len). `ruler_options` go to every task that takes them (e.g.
+        # haystack="noise"). Evaluated as "ruler_len{n}" next to the validation split.
+        ruler_tasks=(), ruler_fraction=0.5, ruler_answer_weight=1.0,
+        ruler_options=ml_collections.ConfigDict(),
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
@@ -259,6 +268,7 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
         raise ValueError(f"config.eval.num_batches={config.eval.num_batches} must be positive, "
                          "or -1 for the whole split")
     _validate_recipes(config, num_data_shards)
+    _validate_ruler_mix(config)
     _validate_initial_state(config, num_sequence_shards)
     _validate_sequence_shards(config, num_sequence_shards)
     stages = stages_lib.schedule(config)
@@ -271,6 +281,37 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
     if m.position_embedding == "learned" and m.max_position < longest:
         raise ValueError(f"config.model.max_position={m.max_position} must cover the longest "
                          f"length the model runs at ({longest}) with learned positions")
+
+
+def _validate_ruler_mix(config) -> None:
+    """`config.data.ruler_tasks` and its fraction and weight; each training length fits
+    at least one task with its answer, the longest fits every task."""
+    d = config.data
+    if not d.ruler_tasks:
+        return
+    if d.source == "task" or d.packing not in ("concat", "best_fit"):
+        raise ValueError("config.data.ruler_tasks mixes rows into a text source's batches: "
+                         "it needs config.data.source in "
+                         f"{[s for s in SOURCES if s != 'task']} and packing 'concat' or "
+                         f"'best_fit'; got source={d.source!r}, packing={d.packing!r}")
+    if not 0 < d.ruler_fraction <= 1:
+        raise ValueError(f"config.data.ruler_fraction={d.ruler_fraction!r} must be in (0, 1]")
+    _positive(config, "data.ruler_answer_weight")
+    tok = tokenizer.load(d.get("tokenizer") or None)
+    lengths = sorted({s.seq_len for s in stages_lib.schedule(config)})
+    for length in lengths:
+        try:
+            fitting = ruler_rows.fitting_tasks(d.ruler_tasks, length, tok,
+                                               d.ruler_options.to_dict())
+        except ValueError as e:
+            raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}, "
+                             f"config.data.ruler_options={d.ruler_options.to_dict()}: {e}"
+                             ) from None
+        if not fitting or (length == lengths[-1] and len(fitting) < len(d.ruler_tasks)):
+            raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}: only "
+                             f"{list(fitting)} fit training rows of seq_len={length} with "
+                             "their answers; the longest length must fit every task, the "
+                             "others at least one")
 
 
 def _validate_initial_state(config, sequence_shards: int) -> None:

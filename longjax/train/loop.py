@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from longjax.data.pipeline import PackedDataset, make_dataset, make_train_stream
+from longjax.data.pipeline import PackedDataset, make_dataset, make_train_stream, ruler_dataset
 from longjax.parallel.mesh import make_mesh
 from longjax.train import config as config_lib
 from longjax.train import stages as stages_lib
@@ -54,7 +54,9 @@ def evaluate(eval_step, params, dataset, mesh, *, batch_size, num_batches) -> di
 def eval_datasets(config) -> dict[str, object]:
     """Named evaluation sets: a task at each of `data.eval_seq_lens`, or the eval split in
     rows of `data.seq_len` ("validation") and of each other `data.eval_seq_lens` length
-    ("validation_len{n}", e.g. 4x the training length)."""
+    ("validation_len{n}", e.g. 4x the training length), with `data.ruler_tasks` at each
+    of these lengths ("ruler_len{n}": accuracy of the answer tokens, sequence accuracy of
+    whole answers, teacher-forced)."""
     d = config.data
     if d.source == "task":
         lengths = tuple(d.eval_seq_lens) or (d.seq_len,)
@@ -63,6 +65,8 @@ def eval_datasets(config) -> dict[str, object]:
     for n in dict.fromkeys(d.eval_seq_lens):
         if n != d.seq_len:
             sets[f"validation_len{n}"] = make_dataset(config, "validation", seq_len=n)
+    for n in dict.fromkeys((d.seq_len, *d.eval_seq_lens)) if d.ruler_tasks else ():
+        sets[f"ruler_len{n}"] = ruler_dataset(config, "validation", seq_len=n)
     return sets
 
 

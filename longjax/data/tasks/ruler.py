@@ -338,6 +338,19 @@ def _options(task: str, options: dict) -> dict:
     return options
 
 
+def task_options(task: str, options) -> dict:
+    """Those of `options` (shared by several tasks) that `task` takes."""
+    return {k: v for k, v in dict(options or {}).items() if k in RULER_TASKS[task]}
+
+
+def check_shared_options(tasks, options) -> None:
+    """ValueError naming an option of `options` that none of `tasks` takes."""
+    unused = set(options or {}) - {k for t in tasks for k in RULER_TASKS.get(t, {})}
+    if unused:
+        raise ValueError(f"RULER options {sorted(unused)} are taken by none of the tasks "
+                         f"{list(tasks)}")
+
+
 def ruler_sample(task: str, *, length: int, seed: int, index: int = 0,
                  depth: float | None = None, tok=None, **options) -> Sample:
     """Sample `index` of `task` (see the module doc) as a prompt of exactly `length`
