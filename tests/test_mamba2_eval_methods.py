@@ -11,6 +11,8 @@ import pytest
 
 from longjax.eval.methods import apply_method
 from longjax.nn.ssm import Mamba2Mixer
+from longjax.parallel import recurrent
+from longjax.parallel.mesh import make_mesh
 from longjax.train.config import base_config
 
 B, T, DM, N, P, G, CHUNK = 2, 10, 8, 4, 4, 2, 4  # E = 16 channels, H = 4 heads
@@ -88,7 +90,7 @@ def test_every_path_follows_the_dense_definition(block, options):
     assert np.abs(plain - want).max() > 1e-3  # each option set acts
 
 
-def test_the_methods_reach_mamba2_layers():
+def test_the_methods_reach_mamba2_layers_and_misuse_is_named():
     config = base_config().model
     config.update(vocab_size=32, d_model=DM, num_layers=2, mixer="(mamba2,attention)*1",
                   mlp="none", num_heads=2, num_kv_heads=2, head_dim=4, mlp_dim=16)
@@ -101,3 +103,7 @@ def test_the_methods_reach_mamba2_layers():
     with pytest.raises(ValueError, match="mixer_options.mamba2.delta_scale must be a number"):
         Mamba2Mixer(d_model=DM, d_state=N, head_dim=P, delta_scale=0).init(
             jax.random.key(0), np.zeros((1, 4, DM)))
+    with jax.set_mesh(make_mesh({"sequence": 2}, jax.devices()[:2])), pytest.raises(
+            ValueError, match="ssd: state_norm .* has no sequence-parallel form"):
+        recurrent.ssd(np.ones((1, 4, 2, 2)), np.ones((1, 4, 2)), -np.ones(2),
+                      *(np.ones((1, 4, 1, 2)),) * 2, state_norm=1.0)
