@@ -37,7 +37,8 @@ Mamba methods set options of the Mamba mixers (`config.model.mixer_options.mamba
   `decay_scale:S`: A times S, the decay exp(dt A) alone, S > 1 forgets more (Mamba: A
   `[E, N]`; Mamba-2: each head's scalar A `[H]`);
   `input_scale:S`: B times S, the write alone, S < 1 remembers less (Mamba: B `[B, T, N]`;
-  Mamba-2: B `[B, T, G, N]` of every group; C unchanged);
+  Mamba-2: B `[B, T, G, N]` of every group; C unchanged); the recurrence being linear,
+  without `state_norm` this is exactly the SSM's read `C h` times S against the `D` skip;
   `state_norm:C`: after every update each channel's state `[N]` (Mamba: one of E
   channels; Mamba-2: the row of one head's state `[P, N]` at one p) scaled down to L2
   norm C where larger, a token-by-token scan.
