@@ -7,9 +7,9 @@ passkey retrieval versus evaluation length, under training-free extension method
 Lengths default to 1x .. 16x the training length. Methods (longjax.eval.methods): none,
 linear:S, ntk:S, dynamic_ntk:S, yarn:S, llama3:S (S a factor or "auto" = length / training
 length), lm_infinite[:B], streaming[:B] (B a cache budget), window, self_extend:G:W, logn,
-cache:NAME[:B][:option=value...] (a KV-cache policy); for Mamba layers
-delta_scale:S, decay_scale:S, input_scale:S, state_norm:C (Stuffed Mamba) and
-decimation:I:K (DeciMamba, layer I keeps K tokens or "auto"); combine with "+". Outputs
+cache:NAME[:B][:option=value...] (a KV-cache policy); for Mamba and Mamba-2 layers
+delta_scale:S, decay_scale:S, input_scale:S, state_norm:C (Stuffed Mamba), for Mamba
+layers decimation:I:K (DeciMamba, layer I keeps K tokens or "auto"); combine with "+". Outputs
 go to <workdir>/extrapolation/ (or --output_dir): results.csv, loss_per_position.csv,
 results.md and plots. A checkpoint trained on a synthetic task is evaluated per test size
 (--task_sizes) instead.

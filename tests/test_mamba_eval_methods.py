@@ -142,7 +142,7 @@ def test_bad_methods_are_named():
     assert mamba_overrides("decay_scale:2+state_norm:0.5", train_length=64) == (
         {"decay_scale": 2.0, "state_norm": 0.5}, ())
     assert mamba_overrides("decimation:0:auto", train_length=64)[1] == ((0, 56, 8),)
-    with pytest.raises(ValueError, match="changes Mamba, but the model has no mamba layer"):
+    with pytest.raises(ValueError, match="has no mamba or mamba2 layer"):
         apply_method(_lm_config("attention"), "decay_scale:2", train_length=8, eval_length=16)
     with pytest.raises(ValueError, match="decimation needs a mamba layer"):
         apply_method(_lm_config("(mamba,attention)*1"), "decimation:1:4",

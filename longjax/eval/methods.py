@@ -27,14 +27,21 @@ parameters, so the trained parameters still load. Parts compose with `+`
   with their papers' sinks). Text and teacher-forced rows are then scored through the cache
   (`reads_through_cache`), since the selection policies' full forward is full attention.
 
-Mamba methods set options of the Mamba mixer (`config.model.mixer_options.mamba`, see
-`longjax.nn.ssm.MambaMixer`) of every Mamba layer:
+Mamba methods set options of the Mamba mixers (`config.model.mixer_options.mamba` and
+`.mamba2`, see `longjax.nn.ssm.MambaMixer` and `Mamba2Mixer`) of every such layer:
 
 - Stuffed Mamba's training-free mitigations of state collapse (Chen et al. 2024, arXiv
-  2410.07145v1): `delta_scale:S` (the step size delta times S), `decay_scale:S` (A times S: the
-  decay exp(delta A) alone, S > 1 forgets more), `input_scale:S` (B times S, S < 1
-  remembers less), `state_norm:C` (each channel's state scaled down to L2 norm C after
-  every update).
+  2410.07145v1), on `mamba` and `mamba2` layers alike:
+  `delta_scale:S`: the step size times S, decay and input both (Mamba: delta `[B, T, E]`
+  per channel; Mamba-2: dt `[B, T, H]` per head, after the softplus and dt_bias);
+  `decay_scale:S`: A times S, the decay exp(dt A) alone, S > 1 forgets more (Mamba: A
+  `[E, N]`; Mamba-2: each head's scalar A `[H]`);
+  `input_scale:S`: B times S, the write alone, S < 1 remembers less (Mamba: B `[B, T, N]`;
+  Mamba-2: B `[B, T, G, N]` of every group; C unchanged); the recurrence being linear,
+  without `state_norm` this is exactly the SSM's read `C h` times S against the `D` skip;
+  `state_norm:C`: after every update each channel's state `[N]` (Mamba: one of E
+  channels; Mamba-2: the row of one head's state `[P, N]` at one p) scaled down to L2
+  norm C where larger, a token-by-token scan.
 - `decimation:I:K` (DeciMamba, Ben-Kish et al. 2024): Mamba layer I (from 0) keeps the
   K tokens with the largest step sizes (`auto`: L - 8) and the last 8, and the layers
   after it see only those (`config.model.decimation`); repeat it with `+` for several
@@ -64,6 +71,8 @@ ALLOWED = ("none", *(f"{s}:S" for s in ROPE_SCALINGS), "giraffe", "lm_infinite[:
            "streaming[:B]", "window", "self_extend:G:W", "logn", "cache:NAME[:B][:option=value...]",
            *(f"{s}:S" for s in MAMBA_SCALES), "state_norm:C", "decimation:I:K")
 MAMBA_METHODS = (*MAMBA_SCALES, "state_norm", "decimation")
+# The mixers Stuffed Mamba's scalings and state normalization reach (decimation: mamba).
+STUFFED_MAMBA_MIXERS = ("mamba", "mamba2")
 DECIMATION_KEEP_LAST = 8
 LM_INFINITE_SINKS = 10
 STREAMING_SINKS = 4
@@ -303,26 +312,29 @@ def apply_method(model_config, method: str, *, train_length: int,
 
 
 def _apply_mamba(config, method: str, train_length: int) -> None:
-    """Sets `method`'s Mamba options and decimation in `config` (a model ConfigDict);
-    ValueError naming the method when the model has no Mamba layer, a decimated layer is
-    not one, or the mixer does not take an option."""
+    """Sets `method`'s Mamba options (on every `mamba` and `mamba2` layer) and decimation
+    (`mamba` layers only) in `config` (a model ConfigDict); ValueError naming the method
+    when the model has no such layer, a decimated layer is not a `mamba` one, or the mixer
+    does not take an option."""
     options, decimation = mamba_overrides(method, train_length=train_length)
     if not (options or decimation):
         return
     mixers = layer_mixers(config.mixer, config.num_layers)
-    if "mamba" not in mixers:
-        raise ValueError(f"method {method!r} changes Mamba, but the model has no mamba layer "
-                         f"(config.model.mixer={config.mixer!r})")
+    targets = [m for m in STUFFED_MAMBA_MIXERS if m in mixers]
+    if options and not targets:
+        raise ValueError(f"method {method!r} changes Mamba, but the model has no mamba or "
+                         f"mamba2 layer (config.model.mixer={config.mixer!r})")
     for layer, _, _ in decimation:
         if layer >= len(mixers) or mixers[layer] != "mamba":
             raise ValueError(f"method {method!r}: decimation needs a mamba layer; layer "
                              f"{layer} of {list(mixers)} is not one")
-    if "mamba" not in config.mixer_options:
-        config.mixer_options.mamba = {}
-    config.mixer_options.mamba.update(options)
-    try:
-        registry.mixer_options("mamba", config)
-    except ValueError as e:
-        raise ValueError(f"method {method!r}: {e}") from e
+    for mixer in targets if options else ():
+        if mixer not in config.mixer_options:
+            config.mixer_options[mixer] = {}
+        config.mixer_options[mixer].update(options)
+        try:
+            registry.mixer_options(mixer, config)
+        except ValueError as e:
+            raise ValueError(f"method {method!r}: {e}") from e
     if decimation:
         config.decimation = decimation

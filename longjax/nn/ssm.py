@@ -117,7 +117,8 @@ class MambaMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
-        _check_eval_options(self)
+        _check_eval_options(self, "config.model.mixer_options.mamba")
+        _check_decimation(self)
         B, T, _ = x.shape
         E, N = self.inner, self.d_state
         rank = math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
@@ -166,9 +167,9 @@ def decimation_indices(delta, keep: int, keep_last: int):
     return jnp.concatenate([jnp.sort(top, axis=-1), last], axis=-1).astype(jnp.int32)
 
 
-def _check_eval_options(mixer) -> None:
-    """ValueError naming the Mamba evaluation option that is out of range."""
-    where = "config.model.mixer_options.mamba"
+def _check_eval_options(mixer, where: str) -> None:
+    """ValueError naming the Mamba / Mamba-2 evaluation option (`where`: its config path)
+    that is out of range."""
     for name in ("delta_scale", "decay_scale", "input_scale"):
         value = getattr(mixer, name)
         if not (isinstance(value, (int, float)) and value > 0):
@@ -177,6 +178,9 @@ def _check_eval_options(mixer) -> None:
                                              and mixer.state_norm > 0):
         raise ValueError(f"{where}.state_norm must be a number > 0 or None (off); got "
                          f"{mixer.state_norm!r}")
+
+
+def _check_decimation(mixer) -> None:
     d = mixer.decimation
     if d is not None and not (len(d) == 2 and all(isinstance(v, int) for v in d)
                               and d[0] >= 1 and d[1] >= 0):
@@ -191,6 +195,18 @@ class Mamba2Mixer(nn.Module):
     `n_groups` slices as in the released code and transformers), output projection.
 
     Cache: `{"ssm": [B, H, P, N] fp32, "conv": ShortConv cache, "segment": [B]}`.
+
+    Training-free options for evaluation beyond the training length (1 / None: off),
+    Stuffed Mamba's mitigations of state collapse (Chen et al. 2024, arXiv 2410.07145v1,
+    whose models are Mamba-2), in Mamba-2's terms (`h_t = exp(dt_t A) h_{t-1} +
+    dt_t x_t B_t^T` per head): `delta_scale` multiplies each head's step size dt_t (after
+    the softplus and dt_bias; the decay exp(dt A) and the input dt x B^T both),
+    `decay_scale` multiplies each head's scalar A (the decay alone: > 1 forgets more),
+    `input_scale` multiplies B_t of every group (the write alone: < 1 remembers less;
+    C is unchanged), and `state_norm` scales each channel's state, the `[N]` row of one
+    head's state `[P, N]` at one p, down to that L2 norm after every update (a
+    token-by-token scan: `longjax.ops.ssd.ssd`'s `state_norm`). The same in the chunked
+    path, the reference scan and decode steps (the options act before the scan).
     """
 
     d_model: int
@@ -206,6 +222,10 @@ class Mamba2Mixer(nn.Module):
     impl: str = "auto"
     norm_per_group: bool = False
     norm_eps: float = 1e-6
+    delta_scale: float = 1.0
+    decay_scale: float = 1.0
+    input_scale: float = 1.0
+    state_norm: float | None = None
     dtype: jnp.dtype = jnp.float32
 
     def _dims(self):
@@ -228,6 +248,7 @@ class Mamba2Mixer(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+        _check_eval_options(self, "config.model.mixer_options.mamba2")
         B, T, _ = x.shape
         E, H, conv_channels = self._dims()
         G, N, P = self.n_groups, self.d_state, self.head_dim
@@ -244,13 +265,14 @@ class Mamba2Mixer(nn.Module):
         A_log = _param(self, "A_log", lambda k, s, d=jnp.float32: jnp.log(
             jax.random.uniform(k, s, d, 1.0, self.A_init_max)), (H,), ("heads",))
         D = _param(self, "D", nn.initializers.ones, (H,), ("heads",))
-        dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias)
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias) * self.delta_scale
         initial = None if cache is None else _continued(cache["ssm"], cache["segment"], seg)
         y, state = recurrent.ssd(
-            u.reshape(B, T, H, P), dt, -jnp.exp(A_log), Bm.reshape(B, T, G, N),
-            Cm.reshape(B, T, G, N), chunk_size=self.chunk_size, D=D, initial_state=initial,
-            return_final_state=True, segment_ids=segment_ids,
-            impl=_step_impl(self.impl, cache, T))
+            u.reshape(B, T, H, P), dt, -jnp.exp(A_log) * self.decay_scale,
+            Bm.reshape(B, T, G, N) * self.input_scale, Cm.reshape(B, T, G, N),
+            chunk_size=self.chunk_size, D=D, initial_state=initial, return_final_state=True,
+            segment_ids=segment_ids, impl=_step_impl(self.impl, cache, T),
+            **({} if self.state_norm is None else {"state_norm": self.state_norm}))
         y = y.reshape(B, T, E) * nn.silu(z)
         y = RMSNorm(self.norm_eps, self.dtype, G if self.norm_per_group else 1, name="norm")(y)
         out = dense(self.d_model, axes=("mlp", "embed"), dtype=self.dtype, name="out_proj")(y)

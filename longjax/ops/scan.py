@@ -24,6 +24,20 @@ def segment_keep(segment_ids):
     return jnp.concatenate([jnp.ones((segment_ids.shape[0], 1), jnp.float32), same], axis=1)
 
 
+def check_state_norm(op: str, state_norm) -> None:
+    """ValueError naming `op` unless `state_norm` is None or a number > 0."""
+    if state_norm is not None and not (isinstance(state_norm, (int, float))
+                                       and state_norm > 0):
+        raise ValueError(f"{op}: state_norm must be a number > 0 or None; got {state_norm!r}")
+
+
+def clip_state_norm(h, state_norm):
+    """Stuffed Mamba's state normalization (Chen et al. 2024): each row `h[..., :]` (one
+    channel's state `[N]`) scaled down to L2 norm `state_norm` where it is larger."""
+    norm = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
+    return h * jnp.minimum(1.0, state_norm / jnp.maximum(norm, 1e-30))
+
+
 def _expand(keep, ndim):
     return keep.reshape(keep.shape + (1,) * (ndim - 2))
 

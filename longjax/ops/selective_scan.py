@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
 from longjax.ops.cpu_rewrites import axis_sum
-from longjax.ops.scan import segment_keep
+from longjax.ops.scan import check_state_norm, clip_state_norm, segment_keep
 
 IMPLS = ("reference", "xla", "pallas", "pallas_interpret")
 
@@ -63,8 +63,7 @@ def _reference_core(u, delta, A, B, C, keep, h0, state_norm=None):
         a = jnp.exp(dt_t[..., None] * A) * keep_t[:, None, None, None]
         h = a * h + (dt_t * u_t)[..., None] * B_t[:, :, None, :]
         if state_norm is not None:
-            norm = jnp.sqrt(jnp.sum(h * h, axis=-1, keepdims=True))
-            h = h * jnp.minimum(1.0, state_norm / jnp.maximum(norm, 1e-30))
+            h = clip_state_norm(h, state_norm)
         return h, jnp.einsum("bgen,bgn->bge", h, C_t)
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, delta, B, C, keep))
@@ -241,10 +240,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       y `[B, T, D]` in u's dtype, and the final state when asked.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids, impl)
-    if state_norm is not None and not (isinstance(state_norm, (int, float))
-                                       and state_norm > 0):
-        raise ValueError(f"selective_scan: state_norm must be a number > 0 or None; got "
-                         f"{state_norm!r}")
+    check_state_norm("selective_scan", state_norm)
     Bsz, T, Dch = u.shape
     u_g, dt_g, A_g, B_g, C_g, h0 = prepare(u, delta, A, B, C, delta_bias, delta_softplus,
                                            initial_state)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from longjax.ops import impl as impl_lib
 from longjax.ops.cpu_rewrites import broadcast_axis
-from longjax.ops.scan import linear_scan, segment_keep
+from longjax.ops.scan import check_state_norm, clip_state_norm, linear_scan, segment_keep
 
 IMPLS = ("reference", "xla")
 
@@ -49,13 +49,17 @@ def _heads(v, H):
     return jnp.repeat(v, H // v.shape[-2], axis=-2)
 
 
-def _reference(x, dt, A, B, C, keep, h0):
+def _reference(x, dt, A, B, C, keep, h0, state_norm=None):
+    """Token by token; `state_norm`: after each update every channel's state `[N]` (one
+    `(head, p)` row) is scaled down to that L2 norm where it is larger."""
     H = x.shape[2]
 
     def step(h, xs):
         x_t, dt_t, B_t, C_t, keep_t = xs
         decay = jnp.exp(dt_t * A) * keep_t[:, None]
         h = decay[..., None, None] * h + jnp.einsum("bhp,bhn->bhpn", dt_t[..., None] * x_t, B_t)
+        if state_norm is not None:
+            h = clip_state_norm(h, state_norm)
         return h, jnp.einsum("bhpn,bhn->bhp", h, C_t)
 
     xs = (x, dt, _heads(B, H), _heads(C, H), keep)
@@ -121,7 +125,7 @@ def _chunked(x, dt, A, B, C, keep, h0, L):
 
 
 def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, initial_state=None, return_final_state=False,
-        segment_ids=None, impl="auto"):
+        segment_ids=None, impl="auto", state_norm=None):
     """Mamba-2 SSD (see the module docstring).
 
     Args:
@@ -133,19 +137,27 @@ def ssd(x, dt, A, B, C, *, chunk_size=64, D=None, initial_state=None, return_fin
       segment_ids: `[B, T]` document ids; the state resets at every border.
       impl: "reference", "xla" or "auto" (resolved per lowering platform by
         `longjax.ops.impl`).
+      state_norm: a number > 0, or None. After each update every channel's state `[N]`
+        (one row `h[b, h, p]`) whose L2 norm exceeds it is scaled down to it (Stuffed
+        Mamba's state normalization, Chen et al. 2024, as in `selective_scan`): no longer
+        a linear recurrence, so it runs token by token (the reference) whatever `impl`.
 
     Returns:
       y `[B, T, H, P]` in x's dtype, and the final state when asked.
     """
     _check(x, dt, A, B, C, D, initial_state, segment_ids, impl, chunk_size)
+    check_state_norm("ssd", state_norm)
     Bsz, T, H, P = x.shape
     f32 = lambda v: v.astype(jnp.float32)
     keep = jnp.ones((Bsz, T), jnp.float32) if segment_ids is None else segment_keep(segment_ids)
     h0 = (jnp.zeros((Bsz, H, P, B.shape[3]), jnp.float32) if initial_state is None
           else f32(initial_state))
     args = (f32(x), f32(dt), f32(A), f32(B), f32(C), keep, h0)
-    y, h_last = impl_lib.run("ssd", impl, lambda name: (
-        _reference(*args) if name == "reference" else _chunked(*args, chunk_size)))
+    if state_norm is not None:
+        y, h_last = _reference(*args, float(state_norm))
+    else:
+        y, h_last = impl_lib.run("ssd", impl, lambda name: (
+            _reference(*args) if name == "reference" else _chunked(*args, chunk_size)))
     if D is not None:
         y = y + f32(D)[:, None] * f32(x)
     y = y.astype(x.dtype)

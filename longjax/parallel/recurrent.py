@@ -20,6 +20,15 @@ from longjax.parallel import sequence_linear, sequence_scan
 from longjax.parallel.mesh import sequence_mesh
 
 
+def _local_state_norm(op: str, kwargs) -> None:
+    """ValueError for `state_norm` under a sequence mesh: the clipped recurrence is not
+    linear, so it has no chunked sequence-parallel form (it runs token by token)."""
+    if kwargs.get("state_norm") is not None:
+        raise ValueError(f"{op}: state_norm (Stuffed Mamba's state normalization) runs token "
+                         f"by token and has no sequence-parallel form; evaluate without a "
+                         f"mesh whose 'sequence' axis splits the sequence")
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    **kwargs):
     """`longjax.ops.selective_scan.selective_scan`."""
@@ -27,6 +36,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if mesh is None:
         return selective_scan_lib.selective_scan(u, delta, A, B, C, D, z, delta_bias,
                                                  delta_softplus, **kwargs)
+    _local_state_norm("selective_scan", kwargs)
     return sequence_scan.sequence_parallel_selective_scan(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, mesh=mesh, **kwargs)
 
@@ -36,6 +46,7 @@ def ssd(x, dt, A, B, C, **kwargs):
     mesh = sequence_mesh()
     if mesh is None:
         return ssd_lib.ssd(x, dt, A, B, C, **kwargs)
+    _local_state_norm("ssd", kwargs)
     return sequence_scan.sequence_parallel_ssd(x, dt, A, B, C, mesh=mesh, **kwargs)
 
 
