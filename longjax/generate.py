@@ -29,22 +29,19 @@ changing them does not recompile.
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from longjax.data import tokenizer
+from longjax.train import config as config_lib
 from longjax.train import stages as stages_lib
-from longjax.train.initial_state import initial_carry
-from longjax.train.optimizer import make_optimizer
-from longjax.train.state import TrainState, build_model
+from longjax.train.state import build_model
 
 
 class Generation(NamedTuple):
@@ -240,11 +237,11 @@ def load_model(workdir):
     if not config_path.exists():
         raise ValueError(f"--workdir {workdir} has no config.json, so it is not a longjax "
                          f"training workdir; train one with scripts/train.py")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = config_lib.saved_config(config_path.read_text())
     config = stages_lib.stage_config(config, stages_lib.schedule(config)[-1])
     model = build_model(config)
     manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
     step = manager.latest_step()
     if step is None:
         raise ValueError(f"--workdir {workdir} has no checkpoint in {workdir / 'checkpoints'}; "
@@ -252,11 +249,11 @@ def load_model(workdir):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
     params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                          opt_state=jax.eval_shape(make_optimizer(config.train).init, params),
-                          carry=jax.eval_shape(lambda: initial_carry(config, model)))
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            abstract)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-    return model, {"params": restored["state"].params}, step
+    # The parameters alone (partial_restore): checkpoints from before a TrainState field
+    # existed (such as `carry`) load too.
+    abstract = {"params": jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), params)}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)))
+    return model, {"params": restored["state"]["params"]}, step

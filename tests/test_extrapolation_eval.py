@@ -5,6 +5,7 @@ and their errors, the output files and scripts/evaluate_lengths.py."""
 import functools
 import importlib.util
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -415,6 +416,26 @@ def _combine_script():
     spec.loader.exec_module(module)
     return module
 
+
+def test_a_workdir_from_before_newer_fields_loads_and_takes_a_cache_policy(workdir, tmp_path):
+    """A run saved before `cache_budget` / `cache_options` and `TrainState.carry` existed
+    (the 2026-12 sweep's runs): its parameters load, and a `cache:` method applies."""
+    import orbax.checkpoint as ocp
+
+    config = json.loads((workdir / "config.json").read_text())
+    for name in ("cache_budget", "cache_options"):
+        del config["model"]["mixer_options"]["attention"][name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    params = load_checkpoint(workdir).params["params"]
+    with ocp.CheckpointManager((tmp_path / "checkpoints").absolute(),
+                               item_handlers={"state": ocp.StandardCheckpointHandler()}) as m:
+        m.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(
+            {"step": np.int32(3), "params": params})))
+    old = load_checkpoint(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, old.params["params"], params)
+    model = apply_method(old.config.model, "cache:h2o:8", train_length=16, eval_length=32)
+    assert (model.mixer_options.attention.cache_mode,
+            model.mixer_options.attention.cache_budget) == ("h2o", 8)
 
 def test_combine_runs_side_by_side(results, tmp_path):
     """scripts/combine_extrapolation.py: runs' rows relabelled `label` (method none) or

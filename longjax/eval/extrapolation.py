@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import time
@@ -62,7 +61,7 @@ from longjax.eval.methods import apply_method, reads_through_cache
 from longjax.generate import load_model
 from longjax.nn import DecoderLM
 from longjax.train import stages as stages_lib
-from longjax.train.config import base_config
+from longjax.train.config import base_config, saved_config
 
 NONOVERLAPPING = "nonoverlapping"
 PASSKEY = "passkey"
@@ -128,8 +127,7 @@ class Results:
 def load_checkpoint(workdir) -> Checkpoint:
     """The latest checkpoint of a training workdir (see `longjax.generate.load_model`)."""
     _, params, step = load_model(workdir)
-    config = ml_collections.ConfigDict(
-        json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    config = saved_config((pathlib.Path(workdir) / "config.json").read_text())
     config = stages_lib.stage_config(config, stages_lib.schedule(config)[-1])
     return Checkpoint(config, params, step)
 

@@ -8,6 +8,7 @@ names the field and what is allowed when something is wrong.
 from __future__ import annotations
 
 import ast
+import json
 
 import ml_collections
 from ml_collections import config_dict
@@ -107,6 +108,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=250, keep=2))
     c.parallel = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
     return c
+
+
+def saved_config(text: str) -> ml_collections.ConfigDict:
+    """A run's `config.json` text as a ConfigDict, with the fields that longjax added
+    after the run was saved filled from `base_config()` (so an old workdir evaluates
+    under options it predates, e.g. `cache_budget`)."""
+    config = ml_collections.ConfigDict(json.loads(text))
+    # The defaults as JSON gives them (lists, not tuples), like the saved fields.
+    _fill_missing(config, ml_collections.ConfigDict(json.loads(json.dumps(
+        base_config().to_dict()))))
+    return config
+
+
+def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict):
+    for key, value in defaults.items():
+        if key not in config:
+            config[key] = value
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+                config[key], ml_collections.ConfigDict):
+            _fill_missing(config[key], value)
 
 
 def with_hf_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
