@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax.nn import kv_cache
+from longjax.nn.kv_cache.base import positive_int
 from longjax.nn.layers import dense
 from longjax.nn.position_bias import FireBias, KerpleLogBias, T5Bias
 from longjax.nn.position_policies import position_policy
@@ -49,10 +50,6 @@ POSITIONS = ("rope", "xpos", "alibi", "t5", "kerple", "fire", "none")
 ROTARY = ("rope", "xpos")
 QUERY_AWARE_POSITIONS = ("rope", "none")  # keys stored encoded, no score bias
 _OPTIONS = "config.model.mixer_options.attention"
-
-
-def _positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class AttentionMixer(nn.Module):
@@ -108,7 +105,7 @@ class AttentionMixer(nn.Module):
         if self.rope_scaling != "none" and self.position not in ROTARY:
             raise ValueError(f"{_OPTIONS}.rope_scaling={self.rope_scaling!r} needs a rotary "
                              f"position ({list(ROTARY)}); position={self.position!r}")
-        if self.logn_scaling and not _positive_int(self.train_length):
+        if self.logn_scaling and not positive_int(self.train_length):
             raise ValueError(f"{_OPTIONS}.train_length must be a positive int for "
                              f"logn_scaling; got {self.train_length!r}")
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from longjax.nn.kv_cache import KeyPart, NewTokens
-
-
-def _positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+from longjax.nn.kv_cache.base import positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +57,7 @@ def position_policy(options, *, where: str):
     position, cache_mode = options.position, options.cache_mode
     if not G:
         return PlainPositions()
-    if not (_positive_int(G) and _positive_int(N)) or position != "rope":
+    if not (positive_int(G) and positive_int(N)) or position != "rope":
         raise ValueError(
             f"{where}.self_extend_group={G!r} needs a positive int group, a positive int "
             f"self_extend_window (got {N!r}) and position='rope' (got {position!r})")
