@@ -100,10 +100,20 @@ def _curve(workdir):
             for r in read_metrics(workdir)]
 
 
+# A Mamba + attention hybrid whose Mamba layer carries its final states into the next row
+# of its batch slot: a resumed run must restore the carried states and the stream's place.
+CARRIED_STATES = ["--config.model.mixer=mamba,attention", "--config.data.packing=contiguous",
+                  "--config.train.initial_state=carry"]
+
+
 def test_sigkill_mid_training_resumes_exactly(text_folder, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     killed, unbroken = tmp_path / "killed", tmp_path / "unbroken"
-    process = subprocess.Popen(_train_command(killed, text_folder), cwd=REPO, env=env,
+
+    def command(workdir):
+        return _train_command(workdir, text_folder) + CARRIED_STATES
+
+    process = subprocess.Popen(command(killed), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 120
@@ -118,7 +128,7 @@ def test_sigkill_mid_training_resumes_exactly(text_folder, tmp_path):
     process.wait()
     assert max(r["step"] for r in read_metrics(killed)) < 120
     for workdir in (killed, unbroken):
-        subprocess.run(_train_command(workdir, text_folder), cwd=REPO, env=env, check=True,
+        subprocess.run(command(workdir), cwd=REPO, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _curve(killed) == _curve(unbroken)
     for a, b in zip(_final_params(killed), _final_params(unbroken), strict=True):
