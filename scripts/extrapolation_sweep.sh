@@ -18,7 +18,8 @@
 #   scripts/extrapolation_sweep.sh [schemes] [methods] [finetune] [tasks] [combine]
 # Environment: W (workdir root, default workdirs/extrapolation_2026_12), SMOKE=1 (a few
 # steps and tokens per run: checks that every command starts; its numbers mean nothing),
-# SCHEMES / SEEDS3 / TASKS / TASK_SCHEMES to restrict the runs.
+# SCHEMES / SEEDS3 / FINETUNES / TASKS / TASK_SCHEMES to restrict the runs (two lanes
+# given disjoint lists share a machine's cores).
 # A run whose workdir holds a finished evaluation is skipped, so a killed sweep resumes
 # (train.py itself resumes from its last checkpoint).
 set -euo pipefail
@@ -28,6 +29,7 @@ OUT=${OUT:-docs/results/length_extrapolation}
 CFG=configs/extrapolation/config.py
 SCHEMES=${SCHEMES:-"sinusoidal learned rope xpos alibi t5 kerple fire nope"}
 SEEDS3=${SEEDS3:-"rope alibi nope"}  # the schemes run with seeds 0, 1, 2
+FINETUNES=${FINETUNES:-"plain1024 pi yarn abf giraffe pose"}  # besides the control
 TASKS=${TASKS:-"copy reverse sorting addition"}
 TASK_SCHEMES=${TASK_SCHEMES:-$SCHEMES}
 METHODS="none,linear:auto,ntk:auto,dynamic_ntk:auto,yarn:auto,llama3:auto,giraffe,logn"
@@ -90,6 +92,7 @@ finetune() {
   for name_ext in "plain1024:1024,1e4," "pi:1024,1e4,'linear:4'" "yarn:1024,1e4,'yarn:4'" \
       "abf:1024,5e5," "giraffe:1024,1e4,'giraffe'" "pose:256,1e4,'pose:1024'"; do
     name=${name_ext%%:*}; ext=${name_ext#*:}; ext=${ext%,}
+    [[ " $FINETUNES " == *" $name "* ]] || continue
     local workdir=$W/ft_$name
     if [[ ! -d $workdir/checkpoints/$PRE ]]; then  # start from the shared pretraining
       mkdir -p "$workdir/checkpoints"
