@@ -18,8 +18,9 @@
 #   scripts/extrapolation_sweep.sh [schemes] [methods] [finetune] [tasks] [combine]
 # Environment: W (workdir root, default workdirs/extrapolation_2026_12), SMOKE=1 (a few
 # steps and tokens per run: checks that every command starts; its numbers mean nothing),
-# SCHEMES / SEEDS3 / FINETUNES / TASKS / TASK_SCHEMES to restrict the runs (two lanes
-# given disjoint lists share a machine's cores).
+# SCHEMES / SEEDS3 / FINETUNES / TASKS / TASK_SCHEMES to restrict the runs (set but empty:
+# none, e.g. SEEDS3= for one seed of every scheme; two lanes given disjoint lists share a
+# machine's cores).
 # A run whose workdir holds a finished evaluation is skipped, so a killed sweep resumes
 # (train.py itself resumes from its last checkpoint).
 set -euo pipefail
@@ -27,11 +28,11 @@ set -euo pipefail
 W=${W:-workdirs/extrapolation_2026_12}
 OUT=${OUT:-docs/results/length_extrapolation}
 CFG=configs/extrapolation/config.py
-SCHEMES=${SCHEMES:-"sinusoidal learned rope xpos alibi t5 kerple fire nope"}
-SEEDS3=${SEEDS3:-"rope alibi nope"}  # the schemes run with seeds 0, 1, 2
-FINETUNES=${FINETUNES:-"plain1024 pi yarn abf giraffe pose"}  # besides the control
-TASKS=${TASKS:-"copy reverse sorting addition"}
-TASK_SCHEMES=${TASK_SCHEMES:-$SCHEMES}
+SCHEMES=${SCHEMES-"sinusoidal learned rope xpos alibi t5 kerple fire nope"}
+SEEDS3=${SEEDS3-"rope alibi nope"}  # the schemes run with seeds 0, 1, 2
+FINETUNES=${FINETUNES-"plain1024 pi yarn abf giraffe pose"}  # besides the control
+TASKS=${TASKS-"copy reverse sorting addition"}
+TASK_SCHEMES=${TASK_SCHEMES-$SCHEMES}
 METHODS="none,linear:auto,ntk:auto,dynamic_ntk:auto,yarn:auto,llama3:auto,giraffe,logn"
 METHODS="$METHODS,yarn:auto+logn,self_extend:32:128,lm_infinite,streaming,window"
 LENGTHS=256,512,1024,2048,4096
