@@ -85,6 +85,24 @@ def test_evaluate_lengths_on_an_hf_checkpoint(llama, text_folder):
     assert ppl["none"][64] == pytest.approx(ppl["yarn:auto"][64])  # yarn:auto is 1x at L
 
 
+def test_kv_cache_policies_on_an_hf_checkpoint(llama):
+    """RULER prompts in the checkpoint's own tokens, generated through a KV-cache policy:
+    a budget that holds the context generates what full attention does, a small one
+    does not (the command of docs/results/kv_cache.md for pretrained checkpoints)."""
+    _, directory = llama
+    results = evaluate_hf(directory, train_length=64, lengths=[128],
+                          methods=["none", "cache:snapkv:128", "cache:snapkv:32"], num_tokens=1,
+                          stride=0, passkey_samples=0, ruler_tasks=["niah_single"],
+                          ruler_samples=1, ruler_depths=[0.5], ruler_options={"haystack": "noise"},
+                          batch_size=1)
+    generations = {}
+    for record in results.ruler_samples:
+        generations.setdefault(record["method"], []).append(record["generation"])
+    assert all(len(g) == 1 and all(g) for g in generations.values())
+    assert generations["cache:snapkv:128"] == generations["none"]
+    assert generations["cache:snapkv:32"] != generations["none"]
+
+
 def test_methods_refused_for_a_model_without_attention(tmp_path, text_folder):
     make_hf_model("mamba", tmp_path)
     make_tokenizer(tmp_path)
