@@ -54,7 +54,7 @@ from absl import logging
 from longjax import hf
 from longjax.data import tasks
 from longjax.data import tokenizer as tokenizer_lib
-from longjax.data.pipeline import load_token_docs
+from longjax.data.pipeline import EVAL_SEED, load_token_docs
 from longjax.data.tasks.ruler import RULER_TASKS, TooShort, check_shared_options, task_options
 from longjax.eval import ruler
 from longjax.eval.methods import apply_method, reads_through_cache
@@ -66,7 +66,6 @@ from longjax.train.config import base_config, saved_config
 NONOVERLAPPING = "nonoverlapping"
 PASSKEY = "passkey"
 RULER = "ruler"
-EVAL_SEED_OFFSET = 1_000_003  # evaluation seeds, as in longjax.data.pipeline.make_dataset
 _ROW_KEYS = ("tokens", "segment_ids", "positions", "targets")
 
 
@@ -325,7 +324,7 @@ def size_task_rows(config, size: int, *, samples: int) -> dict[str, np.ndarray]:
     d = config.data
     options = {**d.task_options.to_dict(), "min_length": size, "max_length": size}
     seq_len = tasks.task_seq_len(d.task, **options)
-    return tasks.task_batch(d.task, seed=config.seed + EVAL_SEED_OFFSET, step=0,
+    return tasks.task_batch(d.task, seed=config.seed + EVAL_SEED, step=0,
                             batch_size=samples, seq_len=seq_len, **options)
 
 
@@ -426,7 +425,7 @@ def evaluate(checkpoint: Checkpoint, *, lengths=None, methods=("none",), num_tok
             if passkey_samples and n >= passkey_min:
                 accuracies = passkey_accuracy(
                     model, checkpoint.params, n, passkey_depths, samples=passkey_samples,
-                    seed=checkpoint.config.seed + EVAL_SEED_OFFSET, batch_size=batch_size,
+                    seed=checkpoint.config.seed + EVAL_SEED, batch_size=batch_size,
                     tok=checkpoint.tokenizer, cache_chunk=chunk)
                 for depth, value in zip(passkey_depths, accuracies, strict=True):
                     results.add(method, f"{PASSKEY}@{depth:g}", n, {"accuracy": value})
@@ -471,7 +470,7 @@ def _score_ruler(results, method, n, model, checkpoint, task, *, depths, samples
     try:
         records = ruler.ruler_records(
             model, checkpoint.params, checkpoint.tokenizer, task=task, length=n,
-            depths=depths, samples=samples, seed=checkpoint.config.seed + EVAL_SEED_OFFSET,
+            depths=depths, samples=samples, seed=checkpoint.config.seed + EVAL_SEED,
             batch_size=batch_size, method=method, jrt=jrt,
             options=task_options(task, options))
     except TooShort as e:
