@@ -39,7 +39,7 @@ def load_token_docs(data_config, split: str, *, seed: int, tok=None) -> list[np.
     if not docs:
         raise ValueError(f"config.data: the {split!r} split of source "
                          f"{data_config.source!r} has no documents")
-    tok = tok or tokenizer.load(data_config.get("tokenizer") or None)
+    tok = tok or tokenizer.load(data_config.get("tokenizer"))
     token_docs = [tok.encode(text) for text in docs]
     if split == "train":
         order = np.random.default_rng(seed).permutation(len(token_docs))
@@ -201,7 +201,7 @@ def ruler_dataset(config, split: str, *, seq_len: int | None = None) -> RulerDat
     splits use a different seed and weight 1 on the answers."""
     d = config.data
     train = split == "train"
-    tok = tokenizer.load(d.get("tokenizer") or None)
+    tok = tokenizer.load(d.get("tokenizer"))
     return RulerDataset(d.ruler_tasks, seed=config.seed if train else config.seed + EVAL_SEED,
                         seq_len=seq_len or d.seq_len, tok=tok,
                         answer_weight=d.ruler_answer_weight if train else 1.0,

@@ -141,5 +141,5 @@ def _special_ids(directory: pathlib.Path, tok) -> dict[str, int]:
 
 def load(path=None):
     """The tokenizer of a checkpoint directory (`tokenizer.json`), or the byte tokenizer
-    when `path` is None."""
-    return ByteTokenizer() if path is None else PretrainedTokenizer(path)
+    when `path` is None or "" (`config.data.tokenizer`'s default)."""
+    return PretrainedTokenizer(path) if path else ByteTokenizer()

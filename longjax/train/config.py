@@ -254,7 +254,7 @@ def validate(config: ml_collections.ConfigDict, *, num_data_shards: int = 1,
               "model.num_kv_heads", "data.seq_len", "data.batch_size",
               "train.steps", "train.learning_rate", "train.log_every", "eval.every_steps",
               "eval.batch_size", "checkpoint.every_steps", "checkpoint.keep")
-    vocab = tokenizer.load(d.get("tokenizer") or None).vocab_size
+    vocab = tokenizer.load(d.get("tokenizer")).vocab_size
     if m.vocab_size < vocab:
         raise ValueError(f"config.model.vocab_size={m.vocab_size} is below the tokenizer's "
                          f"{vocab} ids")
@@ -318,7 +318,7 @@ def _validate_ruler_mix(config) -> None:
     if not 0 < d.ruler_fraction <= 1:
         raise ValueError(f"config.data.ruler_fraction={d.ruler_fraction!r} must be in (0, 1]")
     _positive(config, "data.ruler_answer_weight")
-    tok = tokenizer.load(d.get("tokenizer") or None)
+    tok = tokenizer.load(d.get("tokenizer"))
     lengths = sorted({s.seq_len for s in stages_lib.schedule(config)})
     for length in lengths:
         try:
