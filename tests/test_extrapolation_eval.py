@@ -437,6 +437,7 @@ def test_a_workdir_from_before_newer_fields_loads_and_takes_a_cache_policy(workd
     assert (model.mixer_options.attention.cache_mode,
             model.mixer_options.attention.cache_budget) == ("h2o", 8)
 
+
 def test_combine_runs_side_by_side(results, tmp_path):
     """scripts/combine_extrapolation.py: runs' rows relabelled `label` (method none) or
     `label + method`, curves too, written as one report."""
