@@ -125,7 +125,7 @@ combine() {
   python scripts/combine_extrapolation.py --runs="$(IFS=,; echo "${runs[*]}")" \
       --output_dir="$OUT/corpus_rope_methods"
   runs=()
-  for name in control plain1024 pi yarn abf giraffe pose; do runs+=("$name=$W/ft_$name"); done
+  for name in control $FINETUNES; do runs+=("$name=$W/ft_$name"); done
   python scripts/combine_extrapolation.py --runs="$(IFS=,; echo "${runs[*]}")" \
       --output_dir="$OUT/corpus_finetune"
   for t in $TASKS; do
