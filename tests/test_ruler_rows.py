@@ -8,7 +8,7 @@ import pytest
 
 from longjax.data import pipeline
 from longjax.data.tasks.ruler_rows import ruler_batch
-from longjax.data.tokenizer import EOS, ByteTokenizer
+from longjax.data.tokenizer import EOS, PAD, ByteTokenizer
 from longjax.eval.ruler import task_samples
 from longjax.train import config as config_lib
 from longjax.train.loop import eval_datasets
@@ -44,6 +44,29 @@ def test_rows_are_the_prompt_then_its_answer_weighted_alone():
     assert not np.array_equal(batch["tokens"], other["tokens"])
 
 
+def test_rows_of_varied_length_are_the_prompt_its_answer_then_padding():
+    tasks = ("niah_single", "niah_multikey")
+    batch = ruler_batch(tasks, seed=0, indices=range(40), seq_len=300, min_length=200)
+    lengths = (batch["segment_ids"] == 1).sum(1)
+    assert lengths.min() >= 200 and lengths.max() <= 300 and len(set(lengths)) > 20
+    for row, n in enumerate(lengths[:4]):
+        np.testing.assert_array_equal(batch["segment_ids"][row], np.arange(300) < n)
+        np.testing.assert_array_equal(batch["positions"][row, :n], np.arange(n))
+        assert (batch["weights"][row, n:] == 0).all()
+        assert (batch["tokens"][row, n + 1:] == PAD).all()  # after the EOS the answer ends with
+        prompt = _text(batch["tokens"][row, :n])
+        key = re.search(r"What is the magic number for (\w+)\?\nAnswer:", prompt).group(1)
+        value = dict(re.findall(r"A magic number for (\w+) is (\d+)\.", prompt))[key]
+        weighted = np.flatnonzero(batch["weights"][row])
+        assert weighted[-1] == n - 1 and _text(batch["targets"][row, weighted]) == f" {value}"
+        assert prompt.endswith(f"Answer: {value}")
+        # the row is the sample's full-length row of n tokens
+        alone = ruler_batch(tasks, seed=0, indices=[row], seq_len=int(n))
+        np.testing.assert_array_equal(batch["tokens"][row, :n], alone["tokens"][0])
+    again = ruler_batch(tasks, seed=0, indices=range(40), seq_len=300, min_length=200)
+    np.testing.assert_array_equal(batch["tokens"], again["tokens"])
+
+
 def test_options_go_to_the_tasks_that_take_them():
     batch = ruler_batch(("niah_single", "cwe"), seed=0, indices=[0, 1], seq_len=400,
                         options={"haystack": "noise"})
@@ -60,7 +83,7 @@ def test_a_length_trains_the_tasks_that_fit_it():
     assert pipeline.RulerDataset(("niah_multiquery", "niah_single"), seed=0,
                                  seq_len=160).tasks == ("niah_single",)
     with pytest.raises(ValueError, match=r"none of the RULER tasks \('vt',\) fits rows of "
-                                         r"seq_len=60"):
+                                         r"60 tokens"):
         pipeline.RulerDataset(("vt",), seed=0, seq_len=60)
 
 
@@ -85,12 +108,22 @@ def test_training_batches_mix_task_rows_into_text_rows(tiny_config):
     held_out = sets["ruler_len256"].batch(0, 2)
     assert not np.array_equal(held_out["tokens"], mixed.batch(0, 8)["tokens"][:2])
     assert set(np.unique(held_out["weights"])) == {0.0, 1.0}
+    varied = config_lib.apply_overrides(config, {"data.ruler_min_length": 0.75})
+    rows = pipeline.make_dataset(varied, "train").batch(3, 8)["segment_ids"][:2].sum(1)
+    assert (rows >= 192).all() and (rows < 256).any()  # the training rows only
+    held_out = eval_datasets(varied)["ruler_len256"].batch(0, 2)
+    assert (held_out["segment_ids"] == 1).all()
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"data.ruler_tasks": ("niah",)}, r"ruler_tasks=\('niah',\).*subset of"),
     ({"data.ruler_tasks": ("niah_single", "niah_multiquery")},
-     r"only \['niah_single'\] fit training rows of seq_len=256"),
+     r"only \['niah_single'\] fit training rows of 256 tokens \(seq_len=256"),
+    ({"data.ruler_tasks": ("niah_single",), "data.ruler_min_length": 0.25},
+     r"only \[\] fit training rows of 64 tokens \(seq_len=256, "
+     r"config.data.ruler_min_length=0.25\)"),
+    ({"data.ruler_tasks": ("vt",), "data.ruler_min_length": 1.5},
+     r"config.data.ruler_min_length=1.5 must be in \(0, 1\]"),
     ({"data.ruler_tasks": ("vt",), "data.ruler_fraction": 0.0},
      r"config.data.ruler_fraction=0.0 must be in \(0, 1\]"),
     ({"data.ruler_tasks": ("vt",), "data.packing": "contiguous"},

@@ -150,16 +150,20 @@ class RulerDataset:
     """RULER-style prompts followed by their answers (`longjax.data.tasks.ruler_rows`),
     generated per step: row r of batch `step` is sample `step * batch_size + r`, of those
     `tasks` that fit `seq_len` (so a length curriculum can start below the longer
-    tasks' prompts); ValueError when none fits."""
+    tasks' prompts); ValueError when none fits. With `min_length` the rows hold prompts
+    and answers of `min_length` to `seq_len` tokens (`ruler_rows.ruler_batch`), of the
+    tasks that fit `min_length`."""
 
     def __init__(self, tasks, *, seed: int, seq_len: int, answer_weight: float = 1.0,
-                 tok=None, options=None):
+                 tok=None, options=None, min_length: int | None = None):
         self.options = dict(options or {})
-        self.tasks = ruler_rows.fitting_tasks(tasks, seq_len, tok, self.options)
+        shortest = seq_len if min_length is None else min_length
+        self.tasks = ruler_rows.fitting_tasks(tasks, shortest, tok, self.options)
         if not self.tasks:
             raise ValueError(f"none of the RULER tasks {tuple(tasks)} fits rows of "
-                             f"seq_len={seq_len} with its answer")
+                             f"{shortest} tokens with its answer")
         self.seed, self.seq_len, self.answer_weight, self.tok = seed, seq_len, answer_weight, tok
+        self.min_length = min_length
 
     def batch(self, step: int, batch_size: int,
               rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -167,7 +171,7 @@ class RulerDataset:
         return ruler_rows.ruler_batch(self.tasks, seed=self.seed,
                                       indices=step * batch_size + rows, seq_len=self.seq_len,
                                       tok=self.tok, answer_weight=self.answer_weight,
-                                      options=self.options)
+                                      options=self.options, min_length=self.min_length)
 
 
 def ruler_rows_per_batch(fraction: float, batch_size: int) -> int:
@@ -198,14 +202,17 @@ class RulerMixDataset:
 
 def ruler_dataset(config, split: str, *, seq_len: int | None = None) -> RulerDataset:
     """`config.data.ruler_tasks` as rows of `seq_len` (default `data.seq_len`); the eval
-    splits use a different seed and weight 1 on the answers."""
+    splits use a different seed, weight 1 on the answers and full-length rows."""
     d = config.data
     train = split == "train"
     tok = tokenizer.load(d.get("tokenizer"))
+    seq_len = seq_len or d.seq_len
     return RulerDataset(d.ruler_tasks, seed=config.seed if train else config.seed + EVAL_SEED,
-                        seq_len=seq_len or d.seq_len, tok=tok,
+                        seq_len=seq_len, tok=tok,
                         answer_weight=d.ruler_answer_weight if train else 1.0,
-                        options=d.ruler_options.to_dict())
+                        options=d.ruler_options.to_dict(),
+                        min_length=(ruler_rows.shortest_row(d.ruler_min_length, seq_len)
+                                    if train else None))
 
 
 def make_dataset(config, split: str, *, seq_len: int | None = None):

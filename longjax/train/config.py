@@ -83,8 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
         # followed by their answers, the loss on the answer only, weighted by
         # `ruler_answer_weight` per token (a row's answer is a few tokens against a text
         # row's seq_len). `ruler_options` go to every task that takes them (e.g.
-        # haystack="noise"). Evaluated as "ruler_len{n}" next to the validation split.
-        ruler_tasks=(), ruler_fraction=0.5, ruler_answer_weight=1.0,
+        # haystack="noise"). `ruler_min_length` < 1: each row's prompt and answer take
+        # ruler_min_length * seq_len .. seq_len tokens (then padding), so the answer's
+        # absolute position varies. Evaluated as "ruler_len{n}" (full-length rows) next
+        # to the validation split.
+        ruler_tasks=(), ruler_fraction=0.5, ruler_answer_weight=1.0, ruler_min_length=1.0,
         ruler_options=ml_collections.ConfigDict(),
     ))
     c.train = ml_collections.ConfigDict(dict(
@@ -317,12 +320,16 @@ def _validate_ruler_mix(config) -> None:
                          f"'best_fit'; got source={d.source!r}, packing={d.packing!r}")
     if not 0 < d.ruler_fraction <= 1:
         raise ValueError(f"config.data.ruler_fraction={d.ruler_fraction!r} must be in (0, 1]")
+    if not 0 < d.ruler_min_length <= 1:
+        raise ValueError(f"config.data.ruler_min_length={d.ruler_min_length!r} must be in "
+                         "(0, 1]: the shortest training row as a fraction of seq_len")
     _positive(config, "data.ruler_answer_weight")
     tok = tokenizer.load(d.get("tokenizer"))
     lengths = sorted({s.seq_len for s in stages_lib.schedule(config)})
     for length in lengths:
+        shortest = ruler_rows.shortest_row(d.ruler_min_length, length) or length
         try:
-            fitting = ruler_rows.fitting_tasks(d.ruler_tasks, length, tok,
+            fitting = ruler_rows.fitting_tasks(d.ruler_tasks, shortest, tok,
                                                d.ruler_options.to_dict())
         except ValueError as e:
             raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}, "
@@ -330,9 +337,10 @@ def _validate_ruler_mix(config) -> None:
                              ) from None
         if not fitting or (length == lengths[-1] and len(fitting) < len(d.ruler_tasks)):
             raise ValueError(f"config.data.ruler_tasks={tuple(d.ruler_tasks)!r}: only "
-                             f"{list(fitting)} fit training rows of seq_len={length} with "
-                             "their answers; the longest length must fit every task, the "
-                             "others at least one")
+                             f"{list(fitting)} fit training rows of {shortest} tokens "
+                             f"(seq_len={length}, config.data.ruler_min_length="
+                             f"{d.ruler_min_length}) with their answers; the longest length "
+                             "must fit every task, the others at least one")
 
 
 def _validate_initial_state(config, sequence_shards: int) -> None:

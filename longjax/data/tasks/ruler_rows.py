@@ -12,9 +12,18 @@ tokens, `targets` its last `seq_len` (the next token), `positions` 0, 1, ... and
 `segment_ids` 1; `weights` are `answer_weight` on the targets that are answer tokens or
 the EOS, 0 elsewhere, so the loss counts the answer only (not the haystack, which for
 the "corpus" haystack is held-out text).
+
+With `min_length` each row's prompt and answer take a length drawn uniformly from
+`[min_length, seq_len]` per sample (seeded by `seed` and the index), followed by padding
+(`segment_ids` 0, weight 0), so the answer does not always sit at the same absolute
+position: a model trained on one length alone learns to find the answer by where the row
+ends (docs/results/kv_cache.md, run 11: right at its training prompt length, wrong 7
+tokens longer).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -26,6 +35,8 @@ from longjax.data.tasks.ruler import (
     task_options,
 )
 from longjax.data.tokenizer import ByteTokenizer
+
+_LENGTH_STREAM = 2**31 - 1  # the row lengths' random stream: no task's index
 
 
 def answer_ids(tok, answers) -> np.ndarray:
@@ -63,11 +74,30 @@ def fitting_tasks(tasks, seq_len: int, tok=None, options=None) -> tuple[str, ...
     return tuple(t for t in tasks if fits(t))
 
 
+def shortest_row(fraction: float, seq_len: int) -> int | None:
+    """`min_length` for rows of `seq_len` whose shortest is `fraction` of it (None at 1:
+    every row `seq_len` long)."""
+    return None if fraction == 1 else max(1, math.ceil(fraction * seq_len))
+
+
+def _row_lengths(seed: int, indices, seq_len: int, min_length: int | None) -> np.ndarray:
+    """The length of each sample's row, `[len(indices)]`: `seq_len`, or with `min_length`
+    uniform in `[min_length, seq_len]` from a stream of its own per `(seed, index)`."""
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    if min_length is None:
+        return np.full(len(indices), seq_len)
+    if not 1 <= min_length <= seq_len:
+        raise ValueError(f"min_length must be in [1, seq_len={seq_len}]; got {min_length}")
+    return np.array([np.random.default_rng([seed, int(i), _LENGTH_STREAM]).integers(
+        min_length, seq_len + 1) for i in indices])
+
+
 def ruler_batch(tasks, *, seed: int, indices, seq_len: int, tok=None,
-                answer_weight: float = 1.0, options=None) -> dict[str, np.ndarray]:
+                answer_weight: float = 1.0, options=None,
+                min_length: int | None = None) -> dict[str, np.ndarray]:
     """Rows of `seq_len` tokens, one per sample index (see the module doc), each `[len(
     indices), seq_len]`. Raises ValueError for an unknown task and `TooShort` when
-    `seq_len` does not hold a task's prompt and answer."""
+    a row's length does not hold a task's prompt and answer."""
     check_shared_options(tasks, options)
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in RULER_TASKS]
@@ -76,22 +106,21 @@ def ruler_batch(tasks, *, seed: int, indices, seq_len: int, tok=None,
                          f"{sorted(RULER_TASKS)}; got {list(tasks)}")
     tok = tok or ByteTokenizer()
     indices = np.asarray(indices, np.int64).reshape(-1)
-    rows, starts = [], []
-    for index in indices:
+    lengths = _row_lengths(seed, indices, seq_len, min_length)
+    full = np.full((len(indices), seq_len + 1), tok.pad_id, np.int32)
+    weights = np.zeros((len(indices), seq_len), np.float32)
+    segment_ids = np.zeros((len(indices), seq_len), np.int32)
+    positions = np.zeros((len(indices), seq_len), np.int32)
+    for b, (index, n) in enumerate(zip(indices, lengths, strict=True)):
         task = tasks[int(index) % len(tasks)]
         try:
-            row, start = ruler_row(task, seed=seed, index=int(index), length=seq_len + 1,
+            row, start = ruler_row(task, seed=seed, index=int(index), length=n + 1,
                                    tok=tok, options=options)
         except TooShort as e:
-            raise TooShort(f"{e} (with its answer, in training rows of seq_len={seq_len})"
-                           ) from None
-        rows.append(row)
-        starts.append(start)
-    full = np.stack(rows)
-    weights = np.zeros((len(indices), seq_len), np.float32)
-    for b, start in enumerate(starts):
-        weights[b, start - 1:] = answer_weight  # targets start - 1 .. seq_len - 1: the answer
+            raise TooShort(f"{e} (with its answer, in training rows of {n} tokens)") from None
+        full[b, :n + 1] = row
+        weights[b, start - 1:n] = answer_weight  # targets start - 1 .. n - 1: the answer
+        segment_ids[b, :n] = 1
+        positions[b, :n] = np.arange(n)
     return {"tokens": full[:, :-1], "targets": full[:, 1:], "weights": weights,
-            "segment_ids": np.ones((len(indices), seq_len), np.int32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                         (len(indices), seq_len)).copy()}
+            "segment_ids": segment_ids, "positions": positions}
