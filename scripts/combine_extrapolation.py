@@ -67,6 +67,10 @@ def combine(runs: list[tuple[str, pathlib.Path]], methods=None) -> Results:
     return combined
 
 
+# The metrics seeds.md spreads: text, synthetic tasks, passkey and RULER rows.
+SEED_METRICS = ("bits_per_byte", "exact_match", "accuracy")
+
+
 def seed_spread(results: Results) -> str:
     """`seeds.md`: for rows whose label is `name#seed`, mean +- standard deviation [min,
     max] (n seeds) of each (name + method, mode, metric, length)."""
@@ -74,7 +78,7 @@ def seed_spread(results: Results) -> str:
     for row in results.rows:
         label, _, method = row["method"].partition(" + ")
         name, sep, _ = label.partition("#")
-        if sep and row["metric"] in ("bits_per_byte", "exact_match"):
+        if sep and row["metric"] in SEED_METRICS:
             key = (row["mode"], row["metric"], name + (f" + {method}" if method else ""))
             groups[key + (row["length"],)].append(row["value"])
     lines = ["# Seeds: mean +- standard deviation [min, max] (n)"]

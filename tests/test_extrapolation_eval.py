@@ -471,7 +471,12 @@ def test_seed_spread_of_runs_labelled_name_hash_seed():
                          ("rope#0 + yarn:auto", 1.0), ("rope#1 + yarn:auto", 1.5)):
         combined.rows.append({"method": label, "mode": NONOVERLAPPING, "length": 32,
                               "metric": "bits_per_byte", "value": value})
+    for label, value in (("n4#0", 0.875), ("n4#1", 0.5)):
+        combined.rows.append({"method": label, "mode": "passkey", "length": 512,
+                              "metric": "accuracy", "value": value})
     text = combine_script.seed_spread(combined)
+    assert "## accuracy (passkey)" in text
+    assert "| n4 | 0.688 +- 0.265 [0.500, 0.875] (2) |" in text
     assert "| rope | 2.500 +- 0.500 [2.000, 3.000] (3) |" in text
     assert "| rope + yarn:auto | 1.250 +- 0.354 [1.000, 1.500] (2) |" in text
     assert "alibi" not in text
