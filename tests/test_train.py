@@ -72,6 +72,18 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
         train_and_evaluate(tiny_config(model__d_model=48), tmp_path)
 
 
+def test_workdir_of_an_older_longjax_resumes(tiny_config, tmp_path):
+    """A config.json saved before some mixer options existed (here the attention cache
+    options, whose defaults are a tuple and None) is read with their defaults."""
+    config = tiny_config(train__steps=3, train__warmup_steps=0)
+    train_and_evaluate(config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for field in ("cache_options", "cache_budget"):
+        del saved["model"]["mixer_options"]["attention"][field]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    train_and_evaluate(tiny_config(train__steps=4, train__warmup_steps=0), tmp_path)
+
+
 def _train_command(workdir, folder, steps=120):
     """scripts/train.py on the tiny config for `steps`, logging 12 times, checkpointing 6
     times and evaluating twice."""

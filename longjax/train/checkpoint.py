@@ -102,7 +102,7 @@ def _with_new_defaults(model: dict) -> dict:
     options = model.get("mixer_options") or {}
     for name in registry.mixer_names():  # mixers registered since, too
         options[name] = {**registry.mixer_defaults(name), **options.get(name, {})}
-    return model
+    return json.loads(json.dumps(model))  # as JSON holds them: a tuple default is a list
 
 
 def _param_shapes(params) -> dict[str, tuple[int, ...]]:
