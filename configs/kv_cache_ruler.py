@@ -11,12 +11,14 @@ ruler_rows`: the loss on the answer), in a length curriculum of 128, 192, 256, 3
 768 and 1024 tokens at 6144 tokens per step (multikey joins at 256, where it fits).
 Evaluate the policies with `--ruler_options=haystack=noise` (docs/results/kv_cache.md).
 
-Not yet enough (2-core CPU, 2026-12-05; docs/results/kv_cache.md has the runs): at 256
-tokens and up, from scratch, 750 steps left the digits at chance; at 128 the model
+What it took on the 2-core CPU (2026-12-05; docs/results/kv_cache.md has the runs): at
+256 tokens and up, from scratch, 750 steps left the digits at chance; at 128 the model
 solves niah_single in ~100 steps by position (the needle sits at a nearly fixed distance
-there); growing the length gradually carries the copying circuit over (192: loss 1.79 ->
-0.91 in 70 steps), but by 1024 the held-out answer loss was still 1.17 (exact 0) after
-765 steps: each length needs more steps than this schedule gives. Evaluated every
+there); growing the length gradually carries the copying circuit over, but each length
+needs more steps than this schedule's 700 (the table's model trained ~9000 steps, most
+at 1024). Rows of one length teach the model where the row ends: continue at 1024 with
+`--config.data.ruler_min_length=0.5` (rows of 512-1024 tokens; the short stages' rows
+cannot be halved, so pass it where only 1024 is left). Evaluated every
 `eval.every_steps` on held-out task rows at 1024 tokens (`ruler_len1024`: answer-token
 accuracy, and whole-answer sequence accuracy, teacher-forced). Variants through the arg
 string, e.g. `:tasks=niah_single+vt,steps=600` (`tasks` joined by "+"), or any short
