@@ -53,7 +53,7 @@ def test_rows_of_varied_length_are_the_prompt_its_answer_then_padding():
         np.testing.assert_array_equal(batch["segment_ids"][row], np.arange(300) < n)
         np.testing.assert_array_equal(batch["positions"][row, :n], np.arange(n))
         assert (batch["weights"][row, n:] == 0).all()
-        assert (batch["tokens"][row, n + 1:] == PAD).all()  # after the EOS the answer ends with
+        assert (batch["tokens"][row, n + 1:] == PAD).all()  # tokens[n] is the answer's EOS
         prompt = _text(batch["tokens"][row, :n])
         key = re.search(r"What is the magic number for (\w+)\?\nAnswer:", prompt).group(1)
         value = dict(re.findall(r"A magic number for (\w+) is (\d+)\.", prompt))[key]

@@ -80,10 +80,10 @@ def shortest_row(fraction: float, seq_len: int) -> int | None:
     return None if fraction == 1 else max(1, math.ceil(fraction * seq_len))
 
 
-def _row_lengths(seed: int, indices, seq_len: int, min_length: int | None) -> np.ndarray:
+def _row_lengths(seed: int, indices: np.ndarray, seq_len: int,
+                 min_length: int | None) -> np.ndarray:
     """The length of each sample's row, `[len(indices)]`: `seq_len`, or with `min_length`
     uniform in `[min_length, seq_len]` from a stream of its own per `(seed, index)`."""
-    indices = np.asarray(indices, np.int64).reshape(-1)
     if min_length is None:
         return np.full(len(indices), seq_len)
     if not 1 <= min_length <= seq_len:
